@@ -1,0 +1,114 @@
+//! The only code that knows about Python: maps core types to Python classes and `Error` to
+//! exceptions, releases the GIL around work that grows with its input, and keeps panics out.
+
+mod tokenizer;
+
+use crate::error::Error;
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyKeyError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
+    PyRuntimeError, PyValueError,
+};
+use pyo3::prelude::*;
+use std::io::ErrorKind;
+
+pyo3::create_exception!(
+    ferrolm,
+    FerrolmError,
+    PyValueError,
+    "Bad input to ferrolm: a malformed file, an invalid argument or a token that is not allowed."
+);
+pyo3::create_exception!(
+    ferrolm,
+    FormatError,
+    FerrolmError,
+    "A file whose content does not follow its format; the message names the file, line or field."
+);
+pyo3::create_exception!(
+    ferrolm,
+    DisallowedSpecialTokenError,
+    FerrolmError,
+    "The text contains a special token that the caller did not allow."
+);
+
+impl From<Error> for PyErr {
+    fn from(error: Error) -> PyErr {
+        let message = error.to_string();
+        match error {
+            Error::Io { source, .. } => match source.kind() {
+                ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+                ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+                _ => PyOSError::new_err(message),
+            },
+            Error::Format { .. } => FormatError::new_err(message),
+            Error::Invalid(_) | Error::Regex { .. } => FerrolmError::new_err(message),
+            Error::UnknownToken(_) => PyKeyError::new_err(message),
+            Error::DisallowedSpecial { .. } => DisallowedSpecialTokenError::new_err(message),
+            Error::Interrupted => PyKeyboardInterrupt::new_err(message),
+        }
+    }
+}
+
+/// Runs `f` without the GIL, turning a Rust panic into a Python exception instead of letting it
+/// unwind into the interpreter.
+pub(crate) fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    match outcome {
+        Ok(result) => result.map_err(PyErr::from),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in ferrolm (please report it): {what}"
+            )))
+        }
+    }
+}
+
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    crate::pool::set_num_threads(n)
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::pool::num_threads()
+}
+
+/// The spelling of a pattern (a name or a regex) that Hugging Face tokenizers reads the same way.
+#[pyfunction]
+fn hf_pattern(name_or_regex: &str) -> String {
+    use crate::tokenizer::formats;
+    formats::pattern_for_hf(formats::resolve_pattern(name_or_regex)).to_string()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("FerrolmError", py.get_type::<FerrolmError>())?;
+    m.add("FormatError", py.get_type::<FormatError>())?;
+    m.add(
+        "DisallowedSpecialTokenError",
+        py.get_type::<DisallowedSpecialTokenError>(),
+    )?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(hf_pattern, m)?)?;
+    m.add_class::<tokenizer::CoreTokenizer>()?;
+    m.add("GPT2_PATTERN", crate::tokenizer::pretokenize::GPT2_PATTERN)?;
+    m.add(
+        "CL100K_PATTERN",
+        crate::tokenizer::pretokenize::CL100K_PATTERN,
+    )?;
+    m.add(
+        "O200K_PATTERN",
+        crate::tokenizer::pretokenize::O200K_PATTERN,
+    )?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! `ferrolm._core.CoreTokenizer`: the Rust tokenizer behind `ferrolm.Tokenizer`.
+
+use super::detached;
+use crate::error::Error;
+use crate::tokenizer::{bytelevel, formats, MergeRule, SpecialPolicy, Tokenizer, TokenizerParts};
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::path::PathBuf;
+
+/// Texts per GIL-free chunk of a batch call: between chunks the caller's Ctrl-C is honoured.
+const BATCH_CHUNK_BYTES: usize = 32 << 20;
+
+type TokensAndOffsets<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64>>);
+
+#[pyclass(frozen, module = "ferrolm._core")]
+pub struct CoreTokenizer {
+    inner: Tokenizer,
+}
+
+fn policy(allowed: Vec<u32>, disallowed: Vec<u32>) -> SpecialPolicy {
+    SpecialPolicy {
+        allowed,
+        disallowed,
+    }
+}
+
+/// Splits a batch into runs of at most `BATCH_CHUNK_BYTES` of text.
+fn chunk_ranges(texts: &[String]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, t) in texts.iter().enumerate() {
+        bytes += t.len();
+        if bytes >= BATCH_CHUNK_BYTES {
+            ranges.push(start..i + 1);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < texts.len() || ranges.is_empty() {
+        ranges.push(start..texts.len());
+    }
+    ranges
+}
+
+impl CoreTokenizer {
+    fn build(
+        py: Python<'_>,
+        make: impl FnOnce() -> crate::Result<TokenizerParts> + Send,
+    ) -> PyResult<Self> {
+        let inner = detached(py, || Tokenizer::new(make()?))?;
+        Ok(CoreTokenizer { inner })
+    }
+
+    fn batch(
+        &self,
+        py: Python<'_>,
+        texts: &[String],
+        policy: &SpecialPolicy,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for range in chunk_ranges(texts) {
+            let chunk = &texts[range];
+            out.extend(detached(py, || {
+                self.inner.encode_batch(chunk, policy, num_threads)
+            })?);
+            py.check_signals()?;
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl CoreTokenizer {
+    /// Loads tokenizer.json, vocab.json + merges.txt, encoder.json + vocab.bpe or a *.tiktoken file.
+    #[staticmethod]
+    #[pyo3(signature = (path, pattern=None))]
+    fn load(py: Python<'_>, path: PathBuf, pattern: Option<String>) -> PyResult<Self> {
+        Self::build(py, || formats::load(&path, pattern.as_deref()))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (path, pattern=None, special_tokens=None))]
+    fn load_tiktoken(
+        py: Python<'_>,
+        path: PathBuf,
+        pattern: Option<String>,
+        special_tokens: Option<Vec<(String, u32)>>,
+    ) -> PyResult<Self> {
+        Self::build(py, || {
+            formats::load_tiktoken(&path, pattern.as_deref(), special_tokens)
+        })
+    }
+
+    #[staticmethod]
+    fn from_json(py: Python<'_>, text: String) -> PyResult<Self> {
+        Self::build(py, || formats::parse_hf_json(&text, "tokenizer.json"))
+    }
+
+    /// `merges` None: tiktoken rank semantics (ids are ranks); else the merge list as id pairs.
+    #[staticmethod]
+    #[pyo3(signature = (tokens, merges, special_tokens, pattern, whole_piece_first=false, add_prefix_space=false))]
+    fn from_parts(
+        py: Python<'_>,
+        tokens: Vec<(Vec<u8>, u32)>,
+        merges: Option<Vec<(u32, u32)>>,
+        special_tokens: Vec<(String, u32)>,
+        pattern: String,
+        whole_piece_first: bool,
+        add_prefix_space: bool,
+    ) -> PyResult<Self> {
+        Self::build(py, || {
+            Ok(TokenizerParts {
+                tokens,
+                merge_rule: merges.map_or(MergeRule::Ranks, MergeRule::List),
+                specials: special_tokens,
+                pattern: formats::resolve_pattern(&pattern).to_string(),
+                whole_piece_first,
+                add_prefix_space,
+            })
+        })
+    }
+
+    fn to_json(&self, py: Python<'_>) -> PyResult<String> {
+        detached(py, || formats::to_hf_json(&self.inner))
+    }
+
+    fn to_tiktoken(&self, py: Python<'_>) -> PyResult<String> {
+        detached(py, || formats::to_tiktoken(&self.inner))
+    }
+
+    fn save_json(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        detached(py, || {
+            crate::files::write_atomic(&path, formats::to_hf_json(&self.inner)?.as_bytes())
+        })
+    }
+
+    fn save_tiktoken(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        detached(py, || {
+            crate::files::write_atomic(&path, formats::to_tiktoken(&self.inner)?.as_bytes())
+        })
+    }
+
+    fn encode_ordinary(&self, py: Python<'_>, text: String) -> PyResult<Vec<u32>> {
+        detached(py, || self.inner.encode_ordinary(&text))
+    }
+
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: String,
+        allowed: Vec<u32>,
+        disallowed: Vec<u32>,
+    ) -> PyResult<Vec<u32>> {
+        let policy = policy(allowed, disallowed);
+        detached(py, || self.inner.encode(&text, &policy))
+    }
+
+    fn encode_to_numpy<'py>(
+        &self,
+        py: Python<'py>,
+        text: String,
+        allowed: Vec<u32>,
+        disallowed: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        let policy = policy(allowed, disallowed);
+        let ids = detached(py, || self.inner.encode(&text, &policy))?;
+        Ok(ids.into_pyarray(py))
+    }
+
+    #[pyo3(signature = (texts, allowed, disallowed, num_threads=None))]
+    fn encode_batch(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        allowed: Vec<u32>,
+        disallowed: Vec<u32>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        self.batch(py, &texts, &policy(allowed, disallowed), num_threads)
+    }
+
+    /// All texts' tokens in one flat uint32 array plus int64 offsets (len(texts) + 1 entries):
+    /// text i is `tokens[offsets[i]:offsets[i + 1]]`. Both arrays are handed over without a copy.
+    #[pyo3(signature = (texts, allowed, disallowed, num_threads=None))]
+    fn encode_batch_numpy<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+        allowed: Vec<u32>,
+        disallowed: Vec<u32>,
+        num_threads: Option<usize>,
+    ) -> PyResult<TokensAndOffsets<'py>> {
+        let per_text = self.batch(py, &texts, &policy(allowed, disallowed), num_threads)?;
+        let (flat, offsets) = py.detach(|| {
+            let total: usize = per_text.iter().map(Vec::len).sum();
+            let mut flat = Vec::with_capacity(total);
+            let mut offsets = Vec::with_capacity(per_text.len() + 1);
+            offsets.push(0i64);
+            for ids in &per_text {
+                flat.extend_from_slice(ids);
+                offsets.push(flat.len() as i64);
+            }
+            (flat, offsets)
+        });
+        Ok((flat.into_pyarray(py), offsets.into_pyarray(py)))
+    }
+
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = detached(py, || {
+            let mut checked = Vec::with_capacity(ids.len());
+            for (position, &id) in ids.iter().enumerate() {
+                if id < 0 || id >= self.inner.vocab_size() as i64 {
+                    return Err(Error::invalid(format!(
+                        "token id {id} at position {position} is out of range (ids are 0..{})",
+                        self.inner.vocab_size()
+                    )));
+                }
+                checked.push(id as u32);
+            }
+            self.inner.decode_bytes(&checked)
+        })?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// The bytes of one token.
+    fn token_bytes<'py>(&self, py: Python<'py>, id: i64) -> PyResult<Bound<'py, PyBytes>> {
+        u32::try_from(id)
+            .ok()
+            .and_then(|id| self.inner.token_bytes(id))
+            .map(|b| PyBytes::new(py, b))
+            .ok_or_else(|| Error::UnknownToken(format!("id {id}")).into())
+    }
+
+    /// A special token's text, or an ordinary token in its byte-level spelling ("Ġthe").
+    fn token_to_id(&self, token: &str) -> PyResult<u32> {
+        if let Some(id) = self.inner.special_id(token) {
+            return Ok(id);
+        }
+        bytelevel::decode_str(token)
+            .ok()
+            .and_then(|bytes| self.inner.ordinary_id(&bytes))
+            .ok_or_else(|| Error::UnknownToken(format!("{token:?}")).into())
+    }
+
+    /// The inverse of `token_to_id`.
+    fn id_to_token(&self, id: i64) -> PyResult<String> {
+        let id32 = u32::try_from(id).map_err(|_| Error::UnknownToken(format!("id {id}")))?;
+        if let Some((text, _)) = self.inner.special_tokens().iter().find(|(_, s)| *s == id32) {
+            return Ok(text.clone());
+        }
+        self.inner
+            .token_bytes(id32)
+            .map(bytelevel::encode_bytes)
+            .ok_or_else(|| Error::UnknownToken(format!("id {id}")).into())
+    }
+
+    fn ordinary_id(&self, token: &[u8]) -> Option<u32> {
+        self.inner.ordinary_id(token)
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    #[getter]
+    fn special_tokens(&self) -> Vec<(String, u32)> {
+        self.inner.special_tokens().to_vec()
+    }
+
+    #[getter]
+    fn pattern(&self) -> String {
+        self.inner.pretokenizer().pattern().to_string()
+    }
+
+    #[getter]
+    fn pattern_name(&self) -> Option<&'static str> {
+        self.inner.pretokenizer().name()
+    }
+
+    #[getter]
+    fn is_rank_based(&self) -> bool {
+        self.inner.parts().merge_rule == MergeRule::Ranks
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "CoreTokenizer(vocab_size={}, pattern={:?}, special_tokens={})",
+            self.inner.vocab_size(),
+            self.inner.pretokenizer().name().unwrap_or("custom"),
+            self.inner.special_tokens().len()
+        )
+    }
+}

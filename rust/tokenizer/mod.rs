@@ -1,0 +1,428 @@
+//! Byte-level BPE: a pre-tokenizer splits text into pieces, each piece's UTF-8 bytes are merged
+//! into tokens, and special tokens are matched before either (only those the caller allows).
+
+pub mod bytelevel;
+pub mod encode;
+pub mod formats;
+pub mod pretokenize;
+
+use crate::error::{Error, Result};
+use aho_corasick::{AhoCorasick, MatchKind};
+use encode::{BytePairEncoder, Merge};
+use pretokenize::PreTokenizer;
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use std::sync::{Arc, Mutex};
+
+/// How pairs are chosen for merging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeRule {
+    /// tiktoken: any two adjacent parts whose concatenation is a token merge, lowest id first.
+    Ranks,
+    /// Hugging Face / GPT-2 `merges.txt`: only the listed pairs merge, earliest in the list first.
+    List(Vec<(u32, u32)>),
+}
+
+/// Everything that defines a tokenizer; what the file formats read and write.
+#[derive(Debug, Clone)]
+pub struct TokenizerParts {
+    /// The ordinary vocabulary: each token's bytes and id.
+    pub tokens: Vec<(Vec<u8>, u32)>,
+    pub merge_rule: MergeRule,
+    /// Special tokens (text, id), matched in raw text before pre-tokenization.
+    pub specials: Vec<(String, u32)>,
+    /// The pre-tokenization regex (or a named built-in pattern).
+    pub pattern: String,
+    /// A piece that is itself a token becomes that token without merging (tiktoken always does
+    /// this; Hugging Face does it when the file says `ignore_merges`).
+    pub whole_piece_first: bool,
+    /// Hugging Face's ByteLevel `add_prefix_space`: a space is put before each text segment that
+    /// does not start with one.
+    pub add_prefix_space: bool,
+}
+
+/// Which special tokens may appear in the text (tiktoken's `allowed_special` / `disallowed_special`).
+#[derive(Debug, Clone, Default)]
+pub struct SpecialPolicy {
+    /// Encoded as their special id when they occur.
+    pub allowed: Vec<u32>,
+    /// An error when they occur (checked before encoding).
+    pub disallowed: Vec<u32>,
+}
+
+pub struct Tokenizer {
+    parts: TokenizerParts,
+    pretokenizer: PreTokenizer,
+    bpe: BytePairEncoder,
+    /// Bytes of every id (ordinary and special), flat for decoding: `spans[id] = (start, end)`.
+    token_bytes: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+    ordinary_ids: FxHashMap<Vec<u8>, u32>,
+    special_ids: FxHashMap<String, u32>,
+    /// Aho-Corasick automata keyed by the sorted id set they match, built on first use.
+    special_matchers: Mutex<FxHashMap<Vec<u32>, Arc<AhoCorasick>>>,
+}
+
+const MISSING: (u32, u32) = (u32::MAX, u32::MAX);
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("pattern", &self.parts.pattern)
+            .field("specials", &self.parts.specials.len())
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    pub fn new(parts: TokenizerParts) -> Result<Self> {
+        let pretokenizer = PreTokenizer::new(&parts.pattern)?;
+
+        let mut ordinary_ids: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+        ordinary_ids.reserve(parts.tokens.len());
+        let mut bytes_of: FxHashMap<u32, &[u8]> = FxHashMap::default();
+        for (bytes, id) in &parts.tokens {
+            if bytes.is_empty() {
+                return Err(Error::invalid(format!("token id {id} has no bytes")));
+            }
+            if let Some(other) = ordinary_ids.insert(bytes.clone(), *id) {
+                return Err(Error::invalid(format!(
+                    "token {} appears twice, with ids {other} and {id}",
+                    describe_bytes(bytes)
+                )));
+            }
+            if let Some(other) = bytes_of.insert(*id, bytes) {
+                return Err(Error::invalid(format!(
+                    "id {id} is given to two tokens: {} and {}",
+                    describe_bytes(other),
+                    describe_bytes(bytes)
+                )));
+            }
+        }
+
+        let mut byte_ids = [0u32; 256];
+        for b in 0..=255u8 {
+            byte_ids[b as usize] = *ordinary_ids.get(&[b][..]).ok_or_else(|| {
+                Error::invalid(format!(
+                    "the vocabulary lacks the single-byte token {} (a byte-level BPE vocabulary has all 256 bytes)",
+                    describe_bytes(&[b])
+                ))
+            })?;
+        }
+
+        let merges = match &parts.merge_rule {
+            MergeRule::Ranks => merges_from_ranks(&parts.tokens, &ordinary_ids),
+            MergeRule::List(list) => merges_from_list(list, &bytes_of, &ordinary_ids)?,
+        };
+        let whole_piece_first = parts.whole_piece_first || parts.merge_rule == MergeRule::Ranks;
+
+        let max_id = parts
+            .tokens
+            .iter()
+            .map(|(_, id)| *id)
+            .chain(parts.specials.iter().map(|(_, id)| *id))
+            .max()
+            .unwrap_or(0);
+        if max_id == u32::MAX {
+            return Err(Error::invalid("token id 4294967295 is reserved"));
+        }
+        let mut spans = vec![MISSING; max_id as usize + 1];
+        let mut token_bytes = Vec::new();
+        let mut push = |id: u32, bytes: &[u8]| {
+            let start = token_bytes.len() as u32;
+            token_bytes.extend_from_slice(bytes);
+            spans[id as usize] = (start, token_bytes.len() as u32);
+        };
+        for (bytes, id) in &parts.tokens {
+            push(*id, bytes);
+        }
+        let mut special_ids = FxHashMap::default();
+        for (text, id) in &parts.specials {
+            if text.is_empty() {
+                return Err(Error::invalid(format!("special token id {id} is empty")));
+            }
+            if let Some(other) = special_ids.insert(text.clone(), *id) {
+                if other != *id {
+                    return Err(Error::invalid(format!(
+                        "special token {text:?} has two ids, {other} and {id}"
+                    )));
+                }
+            }
+            // A special token's own text wins for decoding when it shares an id with an ordinary one.
+            push(*id, text.as_bytes());
+        }
+
+        let bpe = BytePairEncoder::new(byte_ids, merges, ordinary_ids.clone(), whole_piece_first);
+        Ok(Tokenizer {
+            parts,
+            pretokenizer,
+            bpe,
+            token_bytes,
+            spans,
+            ordinary_ids,
+            special_ids,
+            special_matchers: Mutex::new(FxHashMap::default()),
+        })
+    }
+
+    pub fn parts(&self) -> &TokenizerParts {
+        &self.parts
+    }
+
+    pub fn pretokenizer(&self) -> &PreTokenizer {
+        &self.pretokenizer
+    }
+
+    /// One more than the largest id (ordinary or special).
+    pub fn vocab_size(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn special_tokens(&self) -> &[(String, u32)] {
+        &self.parts.specials
+    }
+
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.special_ids.get(text).copied()
+    }
+
+    pub fn ordinary_id(&self, bytes: &[u8]) -> Option<u32> {
+        self.ordinary_ids.get(bytes).copied()
+    }
+
+    /// The bytes of one id, or None if no token has it.
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        let &(start, end) = self.spans.get(id as usize)?;
+        (start != u32::MAX).then(|| &self.token_bytes[start as usize..end as usize])
+    }
+
+    /// Encodes text with no special-token handling: special tokens' text is ordinary text.
+    pub fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        self.encode_ordinary_into(text, &mut out)?;
+        Ok(out)
+    }
+
+    fn encode_ordinary_into(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        if self.parts.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
+            let prefixed = format!(" {text}");
+            return self.pretokenizer.split(&prefixed, |piece| {
+                self.bpe.encode_piece(piece.as_bytes(), out)
+            });
+        }
+        self.pretokenizer
+            .split(text, |piece| self.bpe.encode_piece(piece.as_bytes(), out))
+    }
+
+    /// Encodes text, turning allowed special tokens into their ids and refusing disallowed ones.
+    pub fn encode(&self, text: &str, policy: &SpecialPolicy) -> Result<Vec<u32>> {
+        if !policy.disallowed.is_empty() {
+            let matcher = self.special_matcher(&policy.disallowed)?;
+            if let Some(m) = matcher.find(text) {
+                return Err(Error::DisallowedSpecial {
+                    token: text[m.range()].to_string(),
+                    offset: m.start(),
+                });
+            }
+        }
+        if policy.allowed.is_empty() {
+            return self.encode_ordinary(text);
+        }
+        let matcher = self.special_matcher(&policy.allowed)?;
+        let mut out = Vec::with_capacity(text.len() / 3);
+        let mut start = 0;
+        for m in matcher.find_iter(text) {
+            self.encode_ordinary_into(&text[start..m.start()], &mut out)?;
+            out.push(self.special_ids[&text[m.range()]]);
+            start = m.end();
+        }
+        self.encode_ordinary_into(&text[start..], &mut out)?;
+        Ok(out)
+    }
+
+    /// Encodes many texts on the pool (`num_threads` None: the default size).
+    pub fn encode_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        policy: &SpecialPolicy,
+        num_threads: Option<usize>,
+    ) -> Result<Vec<Vec<u32>>> {
+        crate::pool::install(num_threads, || {
+            texts
+                .par_iter()
+                .map(|t| self.encode(t.as_ref(), policy))
+                .collect()
+        })
+    }
+
+    /// Concatenated bytes of `ids`; an id that no token has is an error naming it.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(ids.len() * 4);
+        for (position, &id) in ids.iter().enumerate() {
+            match self.token_bytes(id) {
+                Some(bytes) => out.extend_from_slice(bytes),
+                None => {
+                    return Err(Error::invalid(format!(
+                    "token id {id} at position {position} is not in the vocabulary (ids are 0..{})",
+                    self.vocab_size()
+                )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn special_matcher(&self, ids: &[u32]) -> Result<Arc<AhoCorasick>> {
+        let mut key = ids.to_vec();
+        key.sort_unstable();
+        key.dedup();
+        let mut cache = self
+            .special_matchers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(m) = cache.get(&key) {
+            return Ok(m.clone());
+        }
+        let mut texts = Vec::with_capacity(key.len());
+        for id in &key {
+            let text = self
+                .parts
+                .specials
+                .iter()
+                .find(|(_, sid)| sid == id)
+                .map(|(t, _)| t.as_str())
+                .ok_or_else(|| Error::invalid(format!("id {id} is not a special token")))?;
+            texts.push(text);
+        }
+        let matcher = Arc::new(
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&texts)
+                .map_err(|e| Error::invalid(format!("cannot match the special tokens: {e}")))?,
+        );
+        if cache.len() > 64 {
+            cache.clear();
+        }
+        cache.insert(key, matcher.clone());
+        Ok(matcher)
+    }
+
+    /// The merge list in priority order: the given list, or for rank files the pair that builds
+    /// each multi-byte token (found by running the merge loop on its bytes with only lower ranks).
+    pub fn merge_list(&self) -> Result<Vec<(u32, u32)>> {
+        match &self.parts.merge_rule {
+            MergeRule::List(list) => Ok(list.clone()),
+            MergeRule::Ranks => derive_merges_from_ranks(&self.parts.tokens, &self.ordinary_ids),
+        }
+    }
+}
+
+/// Every split of every token into two tokens merges into it, with the token's rank as priority.
+fn merges_from_ranks(
+    tokens: &[(Vec<u8>, u32)],
+    ids: &FxHashMap<Vec<u8>, u32>,
+) -> FxHashMap<u64, Merge> {
+    let mut merges = FxHashMap::default();
+    for (bytes, id) in tokens {
+        for split in 1..bytes.len() {
+            if let (Some(&left), Some(&right)) =
+                (ids.get(&bytes[..split]), ids.get(&bytes[split..]))
+            {
+                let merge = Merge {
+                    priority: *id,
+                    merged: *id,
+                };
+                merges.insert(BytePairEncoder::merge_table_key(left, right), merge);
+            }
+        }
+    }
+    merges
+}
+
+fn merges_from_list(
+    list: &[(u32, u32)],
+    bytes_of: &FxHashMap<u32, &[u8]>,
+    ids: &FxHashMap<Vec<u8>, u32>,
+) -> Result<FxHashMap<u64, Merge>> {
+    let mut merges = FxHashMap::default();
+    merges.reserve(list.len());
+    for (index, &(left, right)) in list.iter().enumerate() {
+        let side = |id: u32| {
+            bytes_of.get(&id).copied().ok_or_else(|| {
+                Error::invalid(format!(
+                    "merge {index} refers to id {id}, which is not a token"
+                ))
+            })
+        };
+        let mut joined = side(left)?.to_vec();
+        joined.extend_from_slice(side(right)?);
+        let merged = *ids.get(&joined).ok_or_else(|| {
+            Error::invalid(format!(
+                "merge {index} ({} {}) makes {}, which is not in the vocabulary",
+                describe_bytes(side(left).unwrap_or_default()),
+                describe_bytes(side(right).unwrap_or_default()),
+                describe_bytes(&joined)
+            ))
+        })?;
+        // A repeated pair keeps its first (highest-priority) position, as Hugging Face does.
+        merges
+            .entry(BytePairEncoder::merge_table_key(left, right))
+            .or_insert(Merge {
+                priority: index as u32,
+                merged,
+            });
+    }
+    Ok(merges)
+}
+
+fn derive_merges_from_ranks(
+    tokens: &[(Vec<u8>, u32)],
+    ids: &FxHashMap<Vec<u8>, u32>,
+) -> Result<Vec<(u32, u32)>> {
+    let mut by_rank: Vec<&(Vec<u8>, u32)> = tokens.iter().filter(|(b, _)| b.len() > 1).collect();
+    by_rank.sort_by_key(|(_, id)| *id);
+    let mut list = Vec::with_capacity(by_rank.len());
+    for (bytes, rank) in by_rank {
+        // Merge the token's bytes using only tokens ranked below it; a BPE-built vocabulary
+        // always ends with exactly two parts.
+        let mut parts: Vec<&[u8]> = bytes.chunks(1).collect();
+        loop {
+            let mut best: Option<(u32, usize)> = None;
+            for i in 0..parts.len() - 1 {
+                let joined = [parts[i], parts[i + 1]].concat();
+                if let Some(&r) = ids.get(&joined) {
+                    if r < *rank && best.is_none_or(|(b, _)| r < b) {
+                        best = Some((r, i));
+                    }
+                }
+            }
+            let Some((_, i)) = best else { break };
+            let start = parts[i].as_ptr() as usize - bytes.as_ptr() as usize;
+            let len = parts[i].len() + parts[i + 1].len();
+            parts[i] = &bytes[start..start + len];
+            parts.remove(i + 1);
+        }
+        if parts.len() != 2 {
+            return Err(Error::invalid(format!(
+                "token {} (rank {rank}) cannot be built by merging two lower-ranked tokens, so this \
+                 vocabulary has no equivalent merge list",
+                describe_bytes(bytes)
+            )));
+        }
+        list.push((ids[parts[0]], ids[parts[1]]));
+    }
+    Ok(list)
+}
+
+/// A token's bytes for messages: the text if it is UTF-8, else its byte-level spelling.
+pub fn describe_bytes(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => format!("{s:?}"),
+        Err(_) => format!(
+            "{:?} (bytes {:02x?})",
+            bytelevel::encode_bytes(bytes),
+            bytes
+        ),
+    }
+}
