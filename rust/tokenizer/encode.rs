@@ -10,8 +10,11 @@
 //! Hugging Face's rule). Short pieces use a linear scan (fast for the common case); long pieces
 //! (e.g. `"a" * 100_000`) use a heap with lazy deletion and a linked list, O(n log n).
 //!
-//! Tried and dropped: a per-thread cache of piece -> ids. With the whole-piece lookup most English
-//! pieces are a single hash probe already, and the cache cost more than it saved.
+//! Before merging, a piece is looked up whole in `whole_pieces`: pieces known to encode to one
+//! token. For tiktoken (and Hugging Face's `ignore_merges`) that is every token, by definition of
+//! their algorithm; for a merge list it is every token whose own bytes merge back into itself,
+//! checked once at load time, so the shortcut never changes a result. Most English pieces are
+//! whole tokens, so most pieces cost one hash probe.
 
 use rustc_hash::FxHashMap;
 use std::cmp::Reverse;
@@ -31,10 +34,8 @@ pub struct Merge {
 pub struct BytePairEncoder {
     byte_ids: [u32; 256],
     merges: FxHashMap<u64, Merge>,
-    /// Bytes -> id for ordinary tokens; probed first for a whole piece when `whole_piece_first`.
-    piece_ids: FxHashMap<Vec<u8>, u32>,
-    /// tiktoken's shortcut / Hugging Face's `ignore_merges`: a piece that is itself a token is that token.
-    whole_piece_first: bool,
+    /// Pieces whose encoding is the single token they map to.
+    whole_pieces: FxHashMap<Vec<u8>, u32>,
 }
 
 #[inline]
@@ -44,18 +45,39 @@ fn pair_key(left: u32, right: u32) -> u64 {
 
 impl BytePairEncoder {
     /// `byte_ids[b]` is the id of the one-byte token `b`; callers guarantee all 256 exist.
+    /// `whole_pieces` must only hold pieces that this merge table encodes to that one token (or
+    /// that the semantics being implemented defines so, as tiktoken does).
     pub fn new(
         byte_ids: [u32; 256],
         merges: FxHashMap<u64, Merge>,
-        piece_ids: FxHashMap<Vec<u8>, u32>,
-        whole_piece_first: bool,
+        whole_pieces: FxHashMap<Vec<u8>, u32>,
     ) -> Self {
         BytePairEncoder {
             byte_ids,
             merges,
-            piece_ids,
-            whole_piece_first,
+            whole_pieces,
         }
+    }
+
+    /// The tokens among `tokens` that the merge loop alone encodes to themselves.
+    pub fn self_encoding<'a>(
+        &self,
+        tokens: impl Iterator<Item = (&'a Vec<u8>, u32)>,
+    ) -> FxHashMap<Vec<u8>, u32> {
+        let mut out = Vec::new();
+        tokens
+            .filter(|(bytes, id)| {
+                out.clear();
+                self.encode_piece(bytes, &mut out);
+                out.len() == 1 && out[0] == *id
+            })
+            .map(|(bytes, id)| (bytes.clone(), id))
+            .collect()
+    }
+
+    pub fn with_whole_pieces(mut self, whole_pieces: FxHashMap<Vec<u8>, u32>) -> Self {
+        self.whole_pieces = whole_pieces;
+        self
     }
 
     pub fn merge_table_key(left: u32, right: u32) -> u64 {
@@ -79,11 +101,9 @@ impl BytePairEncoder {
             0 => {}
             1 => out.push(self.byte_ids[piece[0] as usize]),
             n => {
-                if self.whole_piece_first {
-                    if let Some(&id) = self.piece_ids.get(piece) {
-                        out.push(id);
-                        return;
-                    }
+                if let Some(&id) = self.whole_pieces.get(piece) {
+                    out.push(id);
+                    return;
                 }
                 if n < HEAP_THRESHOLD {
                     self.merge_by_scan(piece, out)
@@ -195,7 +215,7 @@ mod tests {
     use super::*;
 
     /// Bytes a=0, b=1, c=2 (others unused); merges: (a,a)->3 p0, (3,a)->4 p1, (b,c)->5 p2, (a,b)->6 p3.
-    fn toy(whole_piece_first: bool) -> BytePairEncoder {
+    fn toy(shortcut: bool) -> BytePairEncoder {
         let mut byte_ids = [NONE; 256];
         for (i, b) in [b'a', b'b', b'c'].into_iter().enumerate() {
             byte_ids[b as usize] = i as u32;
@@ -215,9 +235,11 @@ mod tests {
                 },
             );
         }
-        let mut piece_ids = FxHashMap::default();
-        piece_ids.insert(b"abc".to_vec(), 42);
-        BytePairEncoder::new(byte_ids, merges, piece_ids, whole_piece_first)
+        let mut whole = FxHashMap::default();
+        if shortcut {
+            whole.insert(b"abc".to_vec(), 42);
+        }
+        BytePairEncoder::new(byte_ids, merges, whole)
     }
 
     fn run(bpe: &BytePairEncoder, s: &[u8]) -> (Vec<u32>, Vec<u32>) {
@@ -246,6 +268,17 @@ mod tests {
         out.clear();
         toy(false).encode_piece(b"abc", &mut out);
         assert_eq!(out, vec![0, 5]);
+    }
+
+    #[test]
+    fn self_encoding_keeps_only_tokens_that_merge_back() {
+        let bpe = toy(false);
+        let aa = b"aa".to_vec();
+        let ab = b"ab".to_vec();
+        // "aa" merges to 3; "ab" merges to 6 but we claim id 7: not self-encoding.
+        let kept = bpe.self_encoding([(&aa, 3), (&ab, 7)].into_iter());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept.get(&aa), Some(&3));
     }
 
     #[test]

@@ -153,7 +153,14 @@ impl Tokenizer {
             push(*id, text.as_bytes());
         }
 
-        let bpe = BytePairEncoder::new(byte_ids, merges, ordinary_ids.clone(), whole_piece_first);
+        let bpe = if whole_piece_first {
+            BytePairEncoder::new(byte_ids, merges, ordinary_ids.clone())
+        } else {
+            let plain = BytePairEncoder::new(byte_ids, merges, FxHashMap::default());
+            let multi_byte = parts.tokens.iter().filter(|(b, _)| b.len() > 1);
+            let whole = plain.self_encoding(multi_byte.map(|(b, id)| (b, *id)));
+            plain.with_whole_pieces(whole)
+        };
         Ok(Tokenizer {
             parts,
             pretokenizer,
