@@ -1,0 +1,99 @@
+//! Property tests of the file formats and of encode/decode on the pure Rust core.
+
+use ferrolm::tokenizer::formats;
+use ferrolm::{MergeRule, SpecialPolicy, Tokenizer, TokenizerParts};
+use proptest::prelude::*;
+
+/// A rank vocabulary: the 256 bytes, then `extra` multi-byte tokens built by joining two earlier
+/// tokens (so it is a valid BPE vocabulary with an equivalent merge list).
+fn rank_parts(joins: &[(usize, usize)]) -> TokenizerParts {
+    let mut tokens: Vec<(Vec<u8>, u32)> = (0..=255u8).map(|b| (vec![b], b as u32)).collect();
+    for &(a, b) in joins {
+        let (a, b) = (a % tokens.len(), b % tokens.len());
+        let mut joined = tokens[a].0.clone();
+        joined.extend_from_slice(&tokens[b].0);
+        if joined.len() <= 12 && !tokens.iter().any(|(t, _)| *t == joined) {
+            let id = tokens.len() as u32;
+            tokens.push((joined, id));
+        }
+    }
+    TokenizerParts {
+        tokens,
+        merge_rule: MergeRule::Ranks,
+        specials: vec![("<|end|>".to_string(), 100_000)],
+        pattern: "gpt2".to_string(),
+        whole_piece_first: true,
+        add_prefix_space: false,
+    }
+}
+
+fn joins() -> impl Strategy<Value = Vec<(usize, usize)>> {
+    // Bias towards ASCII letters and space so that the joined tokens occur in the texts.
+    let pick = prop_oneof![Just(32usize), 97usize..123, 0usize..600];
+    proptest::collection::vec((pick.clone(), pick), 0..200)
+}
+
+fn texts() -> impl Strategy<Value = String> {
+    prop_oneof![any::<String>(), "[ a-e'\\n0-9é中👋]{0,80}"]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn tiktoken_file_round_trips(joins in joins()) {
+        let tokenizer = Tokenizer::new(rank_parts(&joins)).unwrap();
+        let text = formats::to_tiktoken(&tokenizer).unwrap();
+        let mut parsed = formats::parse_tiktoken(&text, "mem").unwrap();
+        let mut original = tokenizer.parts().tokens.clone();
+        parsed.sort_by_key(|(_, id)| *id);
+        original.sort_by_key(|(_, id)| *id);
+        prop_assert_eq!(parsed, original);
+    }
+
+    #[test]
+    fn tokenizer_json_round_trips_with_identical_encodings(joins in joins(), text in texts()) {
+        let tokenizer = Tokenizer::new(rank_parts(&joins)).unwrap();
+        let json = formats::to_hf_json(&tokenizer).unwrap();
+        let again = Tokenizer::new(formats::parse_hf_json(&json, "mem").unwrap()).unwrap();
+        prop_assert_eq!(again.encode_ordinary(&text).unwrap(), tokenizer.encode_ordinary(&text).unwrap());
+        prop_assert_eq!(again.special_tokens(), tokenizer.special_tokens());
+    }
+
+    #[test]
+    fn decode_inverts_encode(joins in joins(), text in texts()) {
+        let tokenizer = Tokenizer::new(rank_parts(&joins)).unwrap();
+        let ids = tokenizer.encode_ordinary(&text).unwrap();
+        prop_assert_eq!(tokenizer.decode_bytes(&ids).unwrap(), text.as_bytes());
+        let policy = SpecialPolicy { allowed: vec![100_000], disallowed: vec![] };
+        let with_special = format!("{text}<|end|>{text}");
+        let ids = tokenizer.encode(&with_special, &policy).unwrap();
+        prop_assert!(ids.contains(&100_000));
+        prop_assert_eq!(tokenizer.decode_bytes(&ids).unwrap(), with_special.as_bytes());
+    }
+
+    #[test]
+    fn parsers_never_panic_on_garbage(text in any::<String>()) {
+        let _ = formats::parse_tiktoken(&text, "garbage");
+        let _ = formats::parse_hf_json(&text, "garbage");
+        let json = format!("{{\"model\": {{\"type\": \"BPE\", \"vocab\": {text:?}, \"merges\": []}}}}");
+        let _ = formats::parse_hf_json(&json, "garbage");
+    }
+}
+
+#[test]
+fn disallowed_special_is_an_error_naming_the_token() {
+    let tokenizer = Tokenizer::new(rank_parts(&[])).unwrap();
+    let policy = SpecialPolicy {
+        allowed: vec![],
+        disallowed: vec![100_000],
+    };
+    let error = tokenizer
+        .encode("abc <|end|>", &policy)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("<|end|>") && error.contains("byte 4"),
+        "{error}"
+    );
+}
