@@ -1,6 +1,6 @@
 # One entry point for CI and for people: `make test` runs everything CI runs.
 #
-#   make test    lint + Rust tests + build the abi3 wheel + install it into a fresh venv + pytest + ruff
+#   make test    lint + Rust tests + build the abi3 wheel + install it into a venv + stubtest + pytest
 #   make lint    cargo fmt --check, clippy -D warnings, ruff check, ruff format --check
 #   make wheel   maturin build --release (one abi3 wheel for every CPython >= 3.10)
 #   make demo    install the wheel into the venv and run `ferrolm demo`
@@ -17,7 +17,7 @@ test: lint rust-test install pytest
 venv:
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet "maturin>=1.7,<2" "pytest>=8" "hypothesis>=6.100" "tiktoken>=0.7" "tokenizers>=0.19" "ruff>=0.6"
+	$(VPY) -m pip install --quiet "maturin>=1.7,<2" "pytest>=8" "hypothesis>=6.100" "tiktoken>=0.7" "tokenizers>=0.19" "ruff>=0.6" "mypy>=1.10"
 
 lint: venv
 	cargo fmt --all -- --check
@@ -40,6 +40,7 @@ install: wheel
 
 pytest:
 	$(VPY) -c "import ferrolm, os; assert 'site-packages' in ferrolm.__file__, ferrolm.__file__"
+	$(VPY) -m mypy.stubtest ferrolm._core
 	$(VPY) -m pytest -q tests
 
 demo: install
