@@ -4,14 +4,16 @@ use ferrolm::tokenizer::formats;
 use ferrolm::{MergeRule, SpecialPolicy, Tokenizer, TokenizerParts};
 use proptest::prelude::*;
 
-/// A rank vocabulary: the 256 bytes, then `extra` multi-byte tokens built by joining two earlier
-/// tokens (so it is a valid BPE vocabulary with an equivalent merge list).
+/// A rank vocabulary: the 256 bytes, then multi-byte tokens each made by extending an earlier
+/// token by one byte. Every prefix of a token is then an earlier token, which makes it a valid
+/// BPE vocabulary: merging a token's bytes with lower ranks always ends in exactly two parts, so an
+/// equivalent merge list exists. (Joining two arbitrary tokens does not guarantee that.)
 fn rank_parts(joins: &[(usize, usize)]) -> TokenizerParts {
     let mut tokens: Vec<(Vec<u8>, u32)> = (0..=255u8).map(|b| (vec![b], b as u32)).collect();
     for &(a, b) in joins {
-        let (a, b) = (a % tokens.len(), b % tokens.len());
+        let a = a % tokens.len();
         let mut joined = tokens[a].0.clone();
-        joined.extend_from_slice(&tokens[b].0);
+        joined.push((b % 256) as u8);
         if joined.len() <= 12 && !tokens.iter().any(|(t, _)| *t == joined) {
             let id = tokens.len() as u32;
             tokens.push((joined, id));

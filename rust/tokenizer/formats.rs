@@ -4,7 +4,9 @@
 //! - tiktoken rank files (`*.tiktoken`: base64 token, space, rank), which carry no pattern.
 
 use super::bytelevel;
-use super::pretokenize::{CL100K_PATTERN, GPT2_PATTERN, O200K_PATTERN};
+use super::pretokenize::{
+    CL100K_HF_PATTERN, CL100K_PATTERN, GPT2_CLASSIC_PATTERN, GPT2_PATTERN, O200K_PATTERN,
+};
 use super::{MergeRule, Tokenizer, TokenizerParts};
 use crate::error::{Error, Result};
 use crate::files;
@@ -13,28 +15,20 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 
-/// The original GPT-2 pattern, as Hugging Face's ByteLevel pre-tokenizer applies it.
-pub const HF_BYTELEVEL_PATTERN: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-
-/// tiktoken's cl100k spelling with `\p{N}{1,3}+` written as `\p{N}{1,3}`. Hugging Face compiles
-/// patterns with Oniguruma's Ruby syntax, where `{1,3}+` is not possessive but "one or more runs of
-/// one to three digits", so it would split numbers differently. With nothing after it in its
-/// alternative the possessive `+` changes nothing, so this spelling means the same to fancy-regex
-/// and to Oniguruma. Written into tokenizer.json; read back as `CL100K_PATTERN`.
-pub const CL100K_PATTERN_HF: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
-
-/// The spelling of `pattern` to write into a tokenizer.json (see `CL100K_PATTERN_HF`).
+/// The spelling of `pattern` to write into a tokenizer.json. Hugging Face compiles patterns with
+/// Oniguruma's Ruby syntax, where tiktoken's `\p{N}{1,3}+` is not possessive but "one or more runs
+/// of one to three digits"; `CL100K_HF_PATTERN` drops that `+`, which changes nothing for
+/// fancy-regex (nothing follows it in its alternative), so both engines split alike.
 pub fn pattern_for_hf(pattern: &str) -> &str {
     if pattern == CL100K_PATTERN {
-        CL100K_PATTERN_HF
+        CL100K_HF_PATTERN
     } else {
         pattern
     }
 }
 
 fn pattern_from_hf(pattern: &str) -> &str {
-    if pattern == CL100K_PATTERN_HF {
+    if pattern == CL100K_HF_PATTERN {
         CL100K_PATTERN
     } else {
         pattern
@@ -443,7 +437,7 @@ fn parse_hf_pre_tokenizer(value: Option<&Value>, location: &str) -> Result<(Stri
                     expected,
                 ));
             }
-            Ok((HF_BYTELEVEL_PATTERN.to_string(), prefix))
+            Ok((GPT2_CLASSIC_PATTERN.to_string(), prefix))
         }
         "Sequence" => {
             let steps = value
