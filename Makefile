@@ -17,7 +17,7 @@ test: lint rust-test install pytest
 venv:
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet "maturin>=1.7,<2" "pytest>=8" "hypothesis>=6.100" "tiktoken>=0.7" "tokenizers>=0.19" "ruff>=0.6" "mypy>=1.10"
+	$(VPY) -m pip install --quiet "maturin>=1.7,<2" "ruff>=0.6"
 
 lint: venv
 	cargo fmt --all -- --check
@@ -34,9 +34,10 @@ wheel: venv
 	$(VENV)/bin/maturin build --release --out $(WHEEL_DIR)
 
 # The tests import the INSTALLED wheel: python/ is not on sys.path (python-source layout).
+# The test dependencies are the wheel's `test` extra (pyproject.toml is their one list).
 install: wheel
 	$(VPY) -m pip install --quiet --force-reinstall --no-deps $(WHEEL_DIR)/ferrolm-*.whl
-	$(VPY) -m pip install --quiet $(WHEEL_DIR)/ferrolm-*.whl
+	$(VPY) -m pip install --quiet "$$(ls $(WHEEL_DIR)/ferrolm-*.whl)[test]"
 
 pytest:
 	$(VPY) -c "import ferrolm, os; assert 'site-packages' in ferrolm.__file__, ferrolm.__file__"

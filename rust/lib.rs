@@ -13,6 +13,7 @@
 pub mod error;
 pub mod files;
 pub mod pool;
+pub mod shard;
 pub mod tokenizer;
 
 #[cfg(feature = "python")]

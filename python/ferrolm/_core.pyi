@@ -10,6 +10,7 @@ __all__ = [
     "CL100K_PATTERN",
     "GPT2_PATTERN",
     "O200K_PATTERN",
+    "CoreShardWriter",
     "CoreTokenizer",
     "DisallowedSpecialTokenError",
     "FerrolmError",
@@ -60,7 +61,9 @@ class CoreTokenizer:
     def save_tiktoken(self, path: str | os.PathLike[str]) -> None: ...
     def encode_ordinary(self, text: str) -> list[int]: ...
     def encode(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]: ...
-    def encode_to_numpy(self, text: str, allowed: list[int], disallowed: list[int]) -> npt.NDArray[np.uint32]: ...
+    def encode_to_numpy(
+        self, text: str, allowed: list[int], disallowed: list[int]
+    ) -> npt.NDArray[np.uint32]: ...
     def encode_batch(
         self, texts: list[str], allowed: list[int], disallowed: list[int], num_threads: int | None = None
     ) -> list[list[int]]: ...
@@ -82,3 +85,38 @@ class CoreTokenizer:
     def pattern_name(self) -> str | None: ...
     @property
     def is_rank_based(self) -> bool: ...
+
+@final
+class CoreShardWriter:
+    def __new__(
+        cls,
+        output_dir: str | os.PathLike[str],
+        tokenizer: CoreTokenizer,
+        tokenizer_json: str,
+        *,
+        val_fraction: float,
+        shard_tokens: int,
+        seed: int,
+        bos: int | None,
+        eos: int | None,
+        dtype: str,
+        resume: bool,
+        num_threads: int | None = None,
+    ) -> CoreShardWriter: ...
+    def add_documents(self, documents: list[str]) -> None: ...
+    def add_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        text_field: str,
+        text_split: str,
+        delimiter: str | None = None,
+        strict_lines: bool = False,
+        strict_utf8: bool = False,
+    ) -> tuple[int, int]: ...
+    @property
+    def tokens_so_far(self) -> int: ...
+    @property
+    def documents_read(self) -> int: ...
+    def count_bad_lines(self, n: int) -> None: ...
+    def finish(self, inputs: list[tuple[str, int, int]]) -> str: ...

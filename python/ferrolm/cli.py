@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,13 @@ def _load(path: str, pattern: str | None = None):  # type: ignore[no-untyped-def
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from ferrolm import Tokenizer
 
+    out = Path(args.out)
+    # Fail before a long training run, not after it.
+    parent = out.parent if not out.is_dir() else out
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {args.out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {args.out}: directory {parent} is not writable")
     started = time.perf_counter()
     tok = Tokenizer.train(
         args.inputs,
@@ -50,9 +58,11 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
         special_tokens=args.special_token or ["<|endoftext|>"],
         min_frequency=args.min_frequency,
         text_field=args.text_field,
+        tie_break=args.tie_break,
+        errors=args.errors,
+        num_threads=args.threads,
         show_progress=not args.quiet,
     )
-    out = Path(args.out)
     if out.suffix == ".tiktoken":
         tok.save_tiktoken(out)
     else:
@@ -96,6 +106,74 @@ def _cmd_tokenizer_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+EPILOG_SHARD = """examples:
+  ferrolm shard corpus/*.jsonl.zst --tokenizer tokenizer.json --out shards/ --val-fraction 0.001
+  ferrolm shard books/ --tokenizer gpt2/ --out shards/ --text-split blank_lines
+  ferrolm shard data/ --tokenizer tok.json --out part3/ --num-parts 8 --part 3   # one job of 8
+  ferrolm shard merge part0/ part1/ ... --out shards/                            # join the parts
+"""
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from ferrolm.data import shard_corpus
+
+    manifest = shard_corpus(
+        args.inputs,
+        args.out,
+        args.tokenizer,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        seed=args.seed,
+        boundary=args.boundary,
+        eos_token=args.eos_token,
+        bos_token=args.bos_token,
+        dtype=args.dtype,
+        text_split=args.text_split,
+        delimiter=args.delimiter,
+        on_bad_line=args.on_bad_line,
+        on_invalid_utf8=args.on_invalid_utf8,
+        resume=args.resume,
+        num_parts=args.num_parts,
+        part=args.part,
+        show_progress=not args.quiet,
+    )
+    _print_manifest_summary(manifest)
+    return 0
+
+
+def _cmd_shard_merge(args: argparse.Namespace) -> int:
+    from ferrolm.data import merge_shards
+
+    _print_manifest_summary(merge_shards(args.parts, args.out))
+    return 0
+
+
+def _print_manifest_summary(manifest) -> None:  # type: ignore[no-untyped-def]
+    for split in manifest.data["splits"]:
+        print(
+            f"{split}: {manifest.tokens(split):,} tokens, {manifest.documents(split):,} documents, "
+            f"{len(manifest.shards(split))} shards"
+        )
+    skipped = {k: v for k, v in manifest.skipped.items() if v}
+    print(f"skipped: {skipped or 'nothing'}")
+    print(f"manifest: {manifest.directory / 'manifest.json'}")
+
+
+def build_shard_merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferrolm shard merge",
+        description="Join shard directories written with --num-parts/--part into one.",
+        epilog="example:\n  ferrolm shard merge part0/ part1/ --out shards/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("parts", nargs="+", help="part directories, in order")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.set_defaults(func=_cmd_shard_merge)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferrolm",
@@ -121,6 +199,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-mb", type=float, default=8.0, help="corpus size cap in MB (default: 8)")
     demo.set_defaults(func=_cmd_demo)
 
+    shard = commands.add_parser(
+        "shard",
+        help="tokenize a corpus into safetensors shards + manifest (see also: shard merge)",
+        description="Tokenize text / JSON lines / zstd / gzip / Parquet files into safetensors shards "
+        "and a manifest, on all cores, resumable. 'ferrolm shard merge PARTS... --out DIR' joins parts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_SHARD,
+    )
+    shard.add_argument("inputs", nargs="+", help="files, directories or globs")
+    shard.add_argument("--tokenizer", required=True, help="tokenizer.json, a GPT-2 directory, ...")
+    shard.add_argument("--out", required=True, help="output directory")
+    shard.add_argument("--text-field", default="text", help="JSON lines / Parquet field (default: text)")
+    shard.add_argument("--val-fraction", type=float, default=0.0005, help="default 0.0005")
+    shard.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the train/val split hash")
+    shard.add_argument("--boundary", choices=["eos", "bos", "both", "none"], default="eos")
+    shard.add_argument("--eos-token", default=None, help="default: the tokenizer's <|endoftext|>")
+    shard.add_argument("--bos-token", default=None)
+    shard.add_argument("--dtype", choices=["uint16", "uint32"], default=None, help="default: by vocab size")
+    shard.add_argument("--text-split", choices=["file", "blank_lines", "delimiter"], default="file")
+    shard.add_argument("--delimiter", default=None, help="with --text-split delimiter")
+    shard.add_argument("--on-bad-line", choices=["skip", "error"], default="skip")
+    shard.add_argument("--on-invalid-utf8", choices=["replace", "error"], default="replace")
+    shard.add_argument("--resume", action="store_true", help="finish an interrupted run")
+    shard.add_argument("--num-parts", type=int, default=1)
+    shard.add_argument("--part", type=int, default=0)
+    shard.add_argument("--quiet", action="store_true")
+    shard.set_defaults(func=_cmd_shard)
+
     tokenizer = commands.add_parser(
         "tokenizer",
         help="train, inspect, convert and run tokenizers",
@@ -144,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--special-token", action="append", help="repeatable; default <|endoftext|>")
     train.add_argument("--min-frequency", type=int, default=0)
     train.add_argument("--text-field", default="text", help="JSON lines field holding the text")
+    train.add_argument(
+        "--tie-break",
+        choices=["hf", "bytes"],
+        default="hf",
+        help="equal counts: smallest ids (hf, identical to Hugging Face) or byte order (bytes)",
+    )
+    train.add_argument(
+        "--errors",
+        choices=["replace", "strict"],
+        default="replace",
+        help="invalid UTF-8 in text files: replace with U+FFFD (with a warning) or fail",
+    )
+    train.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_tokenizer_train)
 
@@ -197,8 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `ferrolm shard merge ...` shares its first word with `ferrolm shard INPUTS...`.
+    words = [a for a in argv if a != "--debug"]
+    if words[:2] == ["shard", "merge"]:
+        parser = build_shard_merge_parser()
+        args = parser.parse_args(words[2:] + (["--debug"] if "--debug" in argv else []))
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,6 +1,7 @@
 //! The only code that knows about Python: maps core types to Python classes and `Error` to
 //! exceptions, releases the GIL around work that grows with its input, and keeps panics out.
 
+mod shard;
 mod tokenizer;
 
 use crate::error::Error;
@@ -100,6 +101,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(hf_pattern, m)?)?;
     m.add_class::<tokenizer::CoreTokenizer>()?;
+    m.add_class::<shard::CoreShardWriter>()?;
     m.add("GPT2_PATTERN", crate::tokenizer::pretokenize::GPT2_PATTERN)?;
     m.add(
         "CL100K_PATTERN",

@@ -7,6 +7,7 @@ use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Texts per GIL-free chunk of a batch call: between chunks the caller's Ctrl-C is honoured.
 const BATCH_CHUNK_BYTES: usize = 32 << 20;
@@ -15,7 +16,7 @@ type TokensAndOffsets<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<i64
 
 #[pyclass(frozen, module = "ferrolm._core")]
 pub struct CoreTokenizer {
-    inner: Tokenizer,
+    inner: Arc<Tokenizer>,
 }
 
 fn policy(allowed: Vec<u32>, disallowed: Vec<u32>) -> SpecialPolicy {
@@ -44,12 +45,23 @@ fn chunk_ranges(texts: &[String]) -> Vec<std::ops::Range<usize>> {
 }
 
 impl CoreTokenizer {
+    pub(crate) fn from_tokenizer(inner: Tokenizer) -> Self {
+        CoreTokenizer {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The shared tokenizer, for other core objects (shard writers) that encode with it.
+    pub(crate) fn shared(&self) -> Arc<Tokenizer> {
+        self.inner.clone()
+    }
+
     fn build(
         py: Python<'_>,
         make: impl FnOnce() -> crate::Result<TokenizerParts> + Send,
     ) -> PyResult<Self> {
         let inner = detached(py, || Tokenizer::new(make()?))?;
-        Ok(CoreTokenizer { inner })
+        Ok(Self::from_tokenizer(inner))
     }
 
     fn batch(

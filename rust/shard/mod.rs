@@ -1,0 +1,384 @@
+//! Corpus sharding: documents in, tokenized safetensors shards and a manifest out.
+//!
+//! Documents arrive in order (files sorted, documents in file order). Each is assigned to `train`
+//! or `val` by a seeded hash of its bytes ([`split_hash`]), so the split does not depend on thread
+//! count or on any other document. Batches are encoded on all cores and appended in order; a shard
+//! is closed as soon as it holds at least `shard_tokens` tokens (whole documents only), so the
+//! output depends only on the documents, the tokenizer and the options.
+//!
+//! Crash safety: shards are written under a temporary name and renamed; after each rename the list
+//! of finished shards is saved to `.progress.json`; `manifest.json` is written last. Resume
+//! re-reads the input, hashes documents to know their split, skips (without encoding) those already
+//! in finished shards, and carries on: the result is byte-identical to an uninterrupted run.
+
+pub mod input;
+pub mod manifest;
+pub mod safetensors;
+
+use crate::error::{Error, Result};
+use crate::files;
+use crate::tokenizer::Tokenizer;
+use manifest::{Manifest, Progress, ShardInfo, SplitSummary};
+use rayon::prelude::*;
+use safetensors::{Dtype, TensorBytes};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const SPLITS: [&str; 2] = ["train", "val"];
+
+/// The seeded document hash behind the train/val split: FNV-1a (64-bit) over the document's UTF-8
+/// bytes, starting from the FNV offset basis XOR `splitmix64(seed)`, finished with `splitmix64`.
+/// A document goes to `val` when `(hash >> 11) / 2^53 < val_fraction`.
+pub fn split_hash(seed: u64, text: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ splitmix64(seed);
+    for &b in text {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    splitmix64(h)
+}
+
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn is_val(seed: u64, val_fraction: f64, text: &str) -> bool {
+    val_fraction > 0.0
+        && ((split_hash(seed, text.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    pub output_dir: PathBuf,
+    pub val_fraction: f64,
+    /// A shard is closed once it holds at least this many tokens.
+    pub shard_tokens: usize,
+    pub seed: u64,
+    /// Token put before each document, if any.
+    pub bos: Option<u32>,
+    /// Token put after each document, if any.
+    pub eos: Option<u32>,
+    pub dtype: Dtype,
+    pub resume: bool,
+    /// Threads for encoding (None: the pool's default).
+    pub num_threads: Option<usize>,
+}
+
+impl ShardOptions {
+    /// The options that must not change between a run and its resume.
+    fn fingerprint(&self) -> String {
+        format!(
+            "val_fraction={} shard_tokens={} seed={} bos={:?} eos={:?} dtype={}",
+            self.val_fraction,
+            self.shard_tokens,
+            self.seed,
+            self.bos,
+            self.eos,
+            self.dtype.name()
+        )
+    }
+}
+
+/// Counts of what was read and what was left out (never silently).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Skipped {
+    pub empty_documents: u64,
+    pub bad_lines: u64,
+    /// Invalid UTF-8 sequences replaced by U+FFFD in text files.
+    pub invalid_utf8_replaced: u64,
+}
+
+struct Split {
+    name: &'static str,
+    tokens: Vec<u32>,
+    offsets: Vec<u64>,
+    finished: Vec<ShardInfo>,
+    /// Documents of this split that finished shards already hold (resume skips them).
+    already_written: u64,
+    seen: u64,
+}
+
+pub struct ShardWriter {
+    options: ShardOptions,
+    tokenizer: Arc<Tokenizer>,
+    tokenizer_sha256: String,
+    splits: [Split; 2],
+    pub skipped: Skipped,
+    documents_read: u64,
+    bytes_read: u64,
+}
+
+impl ShardWriter {
+    /// Prepares `output_dir`: copies the tokenizer there, and on resume reads the progress file.
+    pub fn create(
+        options: ShardOptions,
+        tokenizer: Arc<Tokenizer>,
+        tokenizer_json: &str,
+    ) -> Result<Self> {
+        if !(0.0..1.0).contains(&options.val_fraction) {
+            return Err(Error::invalid(format!(
+                "val_fraction must be in [0, 1), got {}",
+                options.val_fraction
+            )));
+        }
+        if options.shard_tokens == 0 {
+            return Err(Error::invalid("shard_tokens must be positive"));
+        }
+        let max_id = tokenizer.vocab_size().saturating_sub(1) as u64;
+        let fits = match options.dtype {
+            Dtype::U16 => max_id <= u16::MAX as u64,
+            _ => true,
+        };
+        if !fits {
+            return Err(Error::invalid(format!(
+                "the tokenizer's ids go up to {max_id}, which does not fit uint16: use dtype uint32"
+            )));
+        }
+        let dir = &options.output_dir;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let manifest_path = dir.join(manifest::MANIFEST);
+        if manifest_path.exists() {
+            return Err(Error::invalid(format!(
+                "{} exists: this directory holds a finished run; choose another --out or delete it",
+                manifest_path.display()
+            )));
+        }
+        let tokenizer_sha256 = manifest::sha256_hex(tokenizer_json.as_bytes());
+        files::write_atomic(
+            &dir.join(manifest::TOKENIZER_FILE),
+            tokenizer_json.as_bytes(),
+        )?;
+
+        let mut splits = SPLITS.map(|name| Split {
+            name,
+            tokens: Vec::new(),
+            offsets: vec![0],
+            finished: Vec::new(),
+            already_written: 0,
+            seen: 0,
+        });
+        let progress_path = dir.join(manifest::PROGRESS);
+        if options.resume && progress_path.exists() {
+            let progress = Progress::read(&progress_path)?;
+            if progress.tokenizer_sha256 != tokenizer_sha256
+                || progress.options != options.fingerprint()
+            {
+                return Err(Error::invalid(format!(
+                    "{}: cannot resume with a different tokenizer or options (was: {}; now: {})",
+                    progress_path.display(),
+                    progress.options,
+                    options.fingerprint()
+                )));
+            }
+            for split in &mut splits {
+                let done = progress.shards.get(split.name).cloned().unwrap_or_default();
+                for shard in &done {
+                    manifest::verify_shard(dir, shard)?;
+                }
+                split.already_written = done.iter().map(|s| s.documents).sum();
+                split.finished = done;
+            }
+        } else if progress_path.exists() {
+            return Err(Error::invalid(format!(
+                "{} holds an unfinished run: pass resume=True (--resume) to finish it, or use an empty directory",
+                dir.display()
+            )));
+        }
+        Ok(ShardWriter {
+            options,
+            tokenizer,
+            tokenizer_sha256,
+            splits,
+            skipped: Skipped::default(),
+            documents_read: 0,
+            bytes_read: 0,
+        })
+    }
+
+    pub fn output_dir(&self) -> &Path {
+        &self.options.output_dir
+    }
+
+    /// Tokens written or buffered so far, over both splits.
+    pub fn tokens_so_far(&self) -> u64 {
+        self.splits
+            .iter()
+            .map(|s| s.finished.iter().map(|f| f.tokens).sum::<u64>() + s.tokens.len() as u64)
+            .sum()
+    }
+
+    pub fn documents_read(&self) -> u64 {
+        self.documents_read
+    }
+
+    /// Adds documents in order: encodes them on all cores and closes shards as they fill.
+    pub fn add_documents<S: AsRef<str> + Sync>(&mut self, documents: &[S]) -> Result<()> {
+        let (seed, fraction) = (self.options.seed, self.options.val_fraction);
+        // Which split each document goes to, and whether an earlier run already wrote it.
+        let mut plan: Vec<(usize, usize)> = Vec::with_capacity(documents.len());
+        for (i, doc) in documents.iter().enumerate() {
+            let text = doc.as_ref();
+            self.documents_read += 1;
+            self.bytes_read += text.len() as u64;
+            if text.is_empty() {
+                self.skipped.empty_documents += 1;
+                continue;
+            }
+            let split = usize::from(is_val(seed, fraction, text));
+            let s = &mut self.splits[split];
+            s.seen += 1;
+            if s.seen > s.already_written {
+                plan.push((i, split));
+            }
+        }
+        let tokenizer = &self.tokenizer;
+        let encoded: Vec<Vec<u32>> = crate::pool::install(self.options.num_threads, || {
+            plan.par_iter()
+                .map(|&(i, _)| tokenizer.encode_ordinary(documents[i].as_ref()))
+                .collect::<Result<_>>()
+        })?;
+        for ((_, split), ids) in plan.iter().zip(encoded) {
+            let (bos, eos) = (self.options.bos, self.options.eos);
+            let s = &mut self.splits[*split];
+            s.tokens.extend(bos);
+            s.tokens.extend_from_slice(&ids);
+            s.tokens.extend(eos);
+            s.offsets.push(s.tokens.len() as u64);
+            if s.tokens.len() >= self.options.shard_tokens {
+                self.close_shard(*split)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one file's documents (see `input`) and adds them; returns what was found.
+    pub fn add_file(
+        &mut self,
+        path: &Path,
+        options: &input::DocumentOptions,
+    ) -> Result<input::FileStats> {
+        let stats = input::read_documents(path, options, |batch| self.add_documents(&batch))?;
+        self.skipped.bad_lines += stats.bad_lines;
+        self.skipped.invalid_utf8_replaced += stats.utf8_replaced;
+        self.skipped.empty_documents += stats.whitespace_only;
+        Ok(stats)
+    }
+
+    fn close_shard(&mut self, split: usize) -> Result<()> {
+        let dir = self.options.output_dir.clone();
+        let s = &mut self.splits[split];
+        if s.offsets.len() <= 1 {
+            return Ok(());
+        }
+        let name = format!("{}-{:05}.safetensors", s.name, s.finished.len());
+        let token_bytes: Vec<u8> = match self.options.dtype {
+            Dtype::U16 => s
+                .tokens
+                .iter()
+                .flat_map(|&t| (t as u16).to_le_bytes())
+                .collect(),
+            _ => s.tokens.iter().flat_map(|&t| t.to_le_bytes()).collect(),
+        };
+        let offset_bytes: Vec<u8> = s.offsets.iter().flat_map(|&o| o.to_le_bytes()).collect();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("format".to_string(), "ferrolm-shard".to_string());
+        metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        metadata.insert(
+            "tokenizer_sha256".to_string(),
+            self.tokenizer_sha256.clone(),
+        );
+        metadata.insert("split".to_string(), s.name.to_string());
+        let mut file = Vec::with_capacity(token_bytes.len() + offset_bytes.len() + 512);
+        let tensors = [
+            TensorBytes {
+                name: "tokens",
+                dtype: self.options.dtype,
+                bytes: &token_bytes,
+            },
+            TensorBytes {
+                name: "doc_offsets",
+                dtype: Dtype::U64,
+                bytes: &offset_bytes,
+            },
+        ];
+        safetensors::write(&mut file, &tensors, &metadata)
+            .map_err(|e| Error::io(dir.join(&name), e))?;
+        files::write_atomic(&dir.join(&name), &file)?;
+        s.finished.push(ShardInfo {
+            file: name,
+            tokens: s.tokens.len() as u64,
+            documents: (s.offsets.len() - 1) as u64,
+            bytes: file.len() as u64,
+            sha256: manifest::sha256_hex(&file),
+        });
+        s.tokens.clear();
+        s.offsets.truncate(1);
+        self.save_progress()
+    }
+
+    fn save_progress(&self) -> Result<()> {
+        let progress = Progress {
+            tokenizer_sha256: self.tokenizer_sha256.clone(),
+            options: self.options.fingerprint(),
+            shards: self
+                .splits
+                .iter()
+                .map(|s| (s.name.to_string(), s.finished.clone()))
+                .collect(),
+        };
+        progress.write(&self.options.output_dir.join(manifest::PROGRESS))
+    }
+
+    /// Writes the last partial shards and then the manifest (last of all).
+    pub fn finish(mut self, inputs: Vec<manifest::InputRecord>) -> Result<Manifest> {
+        for split in 0..self.splits.len() {
+            self.close_shard(split)?;
+        }
+        let dir = self.options.output_dir.clone();
+        let mut splits = BTreeMap::new();
+        for s in &self.splits {
+            splits.insert(
+                s.name.to_string(),
+                SplitSummary {
+                    tokens: s.finished.iter().map(|f| f.tokens).sum(),
+                    documents: s.finished.iter().map(|f| f.documents).sum(),
+                    shards: s.finished.clone(),
+                },
+            );
+        }
+        let manifest = Manifest {
+            format: "ferrolm-shards".to_string(),
+            format_version: FORMAT_VERSION,
+            created_by: format!("ferrolm {}", env!("CARGO_PKG_VERSION")),
+            tokenizer: manifest::TokenizerRecord {
+                file: manifest::TOKENIZER_FILE.to_string(),
+                sha256: self.tokenizer_sha256.clone(),
+            },
+            vocab_size: self.tokenizer.vocab_size() as u64,
+            dtype: match self.options.dtype {
+                Dtype::U16 => "uint16".to_string(),
+                _ => "uint32".to_string(),
+            },
+            bos_id: self.options.bos,
+            eos_id: self.options.eos,
+            seed: self.options.seed,
+            val_fraction: self.options.val_fraction,
+            shard_tokens: self.options.shard_tokens as u64,
+            total_tokens: splits.values().map(|s| s.tokens).sum(),
+            total_documents: splits.values().map(|s| s.documents).sum(),
+            documents_read: self.documents_read,
+            input_bytes: self.bytes_read,
+            splits,
+            inputs,
+            skipped: self.skipped.clone(),
+        };
+        manifest.write(&dir.join(manifest::MANIFEST))?;
+        let _ = std::fs::remove_file(dir.join(manifest::PROGRESS));
+        Ok(manifest)
+    }
+}
