@@ -5,6 +5,7 @@ pub mod bytelevel;
 pub mod encode;
 pub mod formats;
 pub mod pretokenize;
+pub mod train;
 
 use crate::error::{Error, Result};
 use aho_corasick::{AhoCorasick, MatchKind};
