@@ -10,8 +10,10 @@
 //!   pair table, so there is one merge loop (see `tokenizer::encode`).
 //! - One thread pool (`pool`), fork-safe, sized at run time.
 
+pub mod corpus;
 pub mod error;
 pub mod files;
+pub mod loader;
 pub mod pool;
 pub mod shard;
 pub mod tokenizer;

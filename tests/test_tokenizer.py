@@ -436,7 +436,9 @@ def test_incomplete_byte_alphabet(tmp_path):
 
 def test_invalid_regex(trained):
     ranks = {bytes([b]): b for b in range(256)}
-    with pytest.raises(ferrolm.FerrolmError, match=r"invalid pre-tokenizer pattern \"\(unclosed\": .*parenthesis"):
+    with pytest.raises(
+        ferrolm.FerrolmError, match=r"invalid pre-tokenizer pattern \"\(unclosed\": .*parenthesis"
+    ):
         Tokenizer.from_ranks(ranks, pattern="(unclosed")
     custom = Tokenizer.from_ranks(ranks, pattern=r"\w+|\s+|[^\w\s]+")
     assert custom.decode(custom.encode("custom regex works")) == "custom regex works"

@@ -160,6 +160,195 @@ def _print_manifest_summary(manifest) -> None:  # type: ignore[no-untyped-def]
     print(f"manifest: {manifest.directory / 'manifest.json'}")
 
 
+EPILOG_PRETRAIN = """examples:
+  ferrolm pretrain --data shards/ --out runs/tiny --preset tiny --max-steps 500 --device cpu
+  ferrolm pretrain --data shards/ --out runs/gpt2 --preset gpt2-small --max-tokens 10e9 --batch-size 16 \\
+      --grad-accum 32 --device cuda --compile --packing best_fit --doc-mask
+  ferrolm pretrain --config run.toml                 # the same options as TOML (CLI flags win)
+  ferrolm pretrain --out runs/tiny --resume          # continue the latest checkpoint exactly
+"""
+
+# CLI flag -> TrainConfig field, for the flags that override a --config file or a resumed run.
+PRETRAIN_FIELDS = (
+    "data",
+    "out",
+    "preset",
+    "objective",
+    "max_steps",
+    "max_tokens",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "grad_clip",
+    "device",
+    "compile",
+    "packing",
+    "doc_mask",
+    "eval_interval",
+    "eval_batches",
+    "checkpoint_interval",
+    "seed",
+    "init_from",
+    "dropout",
+)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ferrolm.train import TrainConfig, load_checkpoint, load_toml, pretrain
+
+    values: dict = {}
+    if args.config:
+        values.update(load_toml(args.config))
+    out = args.out or values.get("out")
+    if args.resume:
+        if not out:
+            raise ValueError("--resume needs --out RUN (or out in --config)")
+        _, state = load_checkpoint(out)
+        values = {**state["train_config"], **{k: v for k, v in values.items() if k != "model"}}
+    for name in PRETRAIN_FIELDS:
+        value = getattr(args, name)
+        if value is None or (value is False and name in ("compile", "doc_mask")):
+            continue
+        if name == "dropout":
+            values.setdefault("model", {})["dropout"] = value
+        elif name == "max_tokens":
+            values[name] = int(float(value))  # accepts 10e9
+        else:
+            values[name] = value
+    if args.quiet:
+        values["progress"] = False
+    config = TrainConfig.from_dict(values, source=args.config or "pretrain options")
+    summary = pretrain(config, resume=args.resume)
+    val = summary["val_loss"]
+    print(
+        f"trained {summary['steps']} steps, {summary['tokens']:,} tokens: train loss "
+        f"{summary['train_loss']:.4f}"
+        + (f", val loss {val:.4f}" if val is not None else "")
+        + f" -> {summary['run_dir']}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ferrolm.export import export_run
+
+    print(f"wrote {export_run(args.run, args.out)}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from ferrolm.generate import main_generate
+
+    main_generate(
+        args.path,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.device,
+    )
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ferrolm.train import plot_metrics
+
+    print(f"wrote {plot_metrics(args.run, args.out)}")
+    return 0
+
+
+def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
+    """pretrain, export, generate, plot: the trainer's subcommands."""
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain a GPT (or a masked-LM encoder) on shards, with checkpoints and exact resume",
+        description="Pretrain a Transformer on a shard directory: AdamW, warmup + cosine, gradient "
+        "accumulation, bf16 autocast on CUDA, evaluation on the val split, checkpoints (safetensors + "
+        "JSON, atomic), metrics.jsonl and loss.png in the run directory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_PRETRAIN,
+    )
+    pretrain.add_argument("--data", help="shard directory (ferrolm shard output)")
+    pretrain.add_argument("--out", help="run directory")
+    pretrain.add_argument(
+        "--preset",
+        help="tiny | tiny-llama | small | small-llama | gpt2-small | gpt2-medium "
+        "| llama-small (default tiny)",
+    )
+    pretrain.add_argument("--objective", choices=["clm", "mlm"], help="next-token (default) or masked-LM")
+    pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
+    pretrain.add_argument("--max-tokens", help="training tokens instead of --max-steps (e.g. 10e9)")
+    pretrain.add_argument("--batch-size", type=int, help="rows per micro-step (default 8)")
+    pretrain.add_argument("--seq-len", type=int, help="tokens per row (default: the model's context)")
+    pretrain.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    pretrain.add_argument("--lr", type=float, help="peak learning rate (default 6e-4)")
+    pretrain.add_argument("--warmup", type=int, help="warmup steps (default 100)")
+    pretrain.add_argument("--weight-decay", type=float, help="default 0.1")
+    pretrain.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
+    pretrain.add_argument("--dropout", type=float, help="default 0.0")
+    pretrain.add_argument("--device", help="cpu | cuda | auto (default auto)")
+    pretrain.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    pretrain.add_argument("--packing", choices=["concat", "best_fit"], help="default concat")
+    pretrain.add_argument(
+        "--doc-mask", action="store_true", default=None, help="attend within documents only"
+    )
+    pretrain.add_argument("--eval-interval", type=int, help="evaluate every N steps (default 100)")
+    pretrain.add_argument("--eval-batches", type=int, help="val batches per evaluation (default 10)")
+    pretrain.add_argument("--checkpoint-interval", type=int, help="checkpoint every N steps (default 500)")
+    pretrain.add_argument("--seed", type=int, help="default 0")
+    pretrain.add_argument("--init-from", help="start from a Hugging Face directory (e.g. GPT-2 files)")
+    pretrain.add_argument("--config", help="run.toml: TrainConfig keys, [model] table for GPTConfig")
+    pretrain.add_argument("--resume", action="store_true", help="continue RUN's latest checkpoint exactly")
+    pretrain.add_argument("--quiet", action="store_true", help="no progress line")
+    pretrain.set_defaults(func=_cmd_pretrain)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run's latest checkpoint as a Hugging Face model directory",
+        description="Write config.json, model.safetensors and the tokenizer files that "
+        "transformers' GPT2LMHeadModel / LlamaForCausalLM (and AutoTokenizer) load.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  ferrolm export runs/tiny --out hf/tiny",
+    )
+    export.add_argument("run", help="run directory")
+    export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(func=_cmd_export)
+
+    generate = commands.add_parser(
+        "generate",
+        help="continue a prompt with a trained or exported model (KV cache, streamed)",
+        description="Generate text from a run directory or a Hugging Face directory, streaming tokens "
+        "to stdout. --temperature 0 is greedy decoding.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='examples:\n  ferrolm generate runs/tiny --prompt "def main(" --max-new-tokens 100\n'
+        '  ferrolm generate hf/tiny --prompt "Once" --temperature 0.8 --top-k 50 --top-p 0.95 --seed 1',
+    )
+    generate.add_argument("path", help="run directory or Hugging Face directory")
+    generate.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    generate.add_argument("--max-new-tokens", type=int, default=100, help="default 100")
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    generate.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    generate.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    generate.add_argument("--seed", type=int, default=None, help="seed of the sampler")
+    generate.add_argument("--device", default="cpu", help="default cpu")
+    generate.set_defaults(func=_cmd_generate)
+
+    plot = commands.add_parser(
+        "plot",
+        help="plot a run's training and validation loss to a PNG",
+        epilog="example:\n  ferrolm plot runs/tiny            # writes runs/tiny/loss.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("run", help="run directory")
+    plot.add_argument("--out", default=None, help="PNG path (default RUN/loss.png)")
+    plot.set_defaults(func=_cmd_plot)
+
+
 def build_shard_merge_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferrolm shard merge",
@@ -313,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--format", choices=["json", "tiktoken"], default="json")
     convert.add_argument("--pattern", default=None)
     convert.set_defaults(func=_cmd_tokenizer_convert)
+
+    add_model_commands(commands)
     return parser
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ferrolm._core import CoreShardWriter, FerrolmError
+from ferrolm.loader import PackedLoader
 from ferrolm.tokenizer import Tokenizer
 
-__all__ = ["Manifest", "ShardInfo", "expand_inputs", "merge_shards", "shard_corpus"]
+__all__ = ["Manifest", "PackedLoader", "ShardInfo", "expand_inputs", "merge_shards", "shard_corpus"]
 
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".ndjson", ".parquet")

@@ -1,8 +1,10 @@
 //! The only code that knows about Python: maps core types to Python classes and `Error` to
 //! exceptions, releases the GIL around work that grows with its input, and keeps panics out.
 
+mod loader;
 mod shard;
 mod tokenizer;
+mod train;
 
 use crate::error::Error;
 use pyo3::exceptions::{
@@ -102,6 +104,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hf_pattern, m)?)?;
     m.add_class::<tokenizer::CoreTokenizer>()?;
     m.add_class::<shard::CoreShardWriter>()?;
+    m.add_class::<loader::CoreLoader>()?;
+    m.add_class::<train::CoreBpeTrainer>()?;
     m.add("GPT2_PATTERN", crate::tokenizer::pretokenize::GPT2_PATTERN)?;
     m.add(
         "CL100K_PATTERN",
