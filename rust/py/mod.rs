@@ -60,17 +60,20 @@ pub(crate) fn detached<T: Send>(
     let outcome = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
     match outcome {
         Ok(result) => result.map_err(PyErr::from),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            Err(PyRuntimeError::new_err(format!(
-                "internal error in ferrolm (please report it): {what}"
-            )))
-        }
+        Err(panic) => Err(panic_to_pyerr(panic)),
     }
+}
+
+/// A caught Rust panic as a Python RuntimeError (never a crash, never a PanicException).
+pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    PyRuntimeError::new_err(format!(
+        "internal error in ferrolm (please report it): {what}"
+    ))
 }
 
 #[pyfunction]

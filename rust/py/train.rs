@@ -10,7 +10,6 @@ use crate::corpus::{self, ReadOptions, Utf8Policy};
 use crate::error::Error;
 use crate::tokenizer::train::{self, ChunkCounter, StopReason, TieBreak, TrainOptions};
 use crate::tokenizer::Tokenizer;
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,16 +46,7 @@ fn interruptible<T: Send>(
         }
         match py.detach(move || handle.join()) {
             Ok(Ok(result)) => result.map_err(PyErr::from),
-            Ok(Err(panic)) | Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown panic");
-                Err(PyRuntimeError::new_err(format!(
-                    "internal error in ferrolm (please report it): {what}"
-                )))
-            }
+            Ok(Err(panic)) | Err(panic) => Err(super::panic_to_pyerr(panic)),
         }
     })
 }
