@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from ferrolm._core import CoreBpeTrainer, FerrolmError
+from ferrolm.tokenizer import _safe_text
 
 if TYPE_CHECKING:
     from ferrolm.tokenizer import Tokenizer
@@ -129,7 +130,7 @@ def train_tokenizer(
                 trainer.feed_texts(batch)
             except UnicodeEncodeError:
                 # Lone surrogates (conversion fails before anything is counted).
-                trainer.feed_texts([_safe(t) for t in batch])
+                trainer.feed_texts([_safe_text(t) for t in batch])
     else:
         raise TypeError(
             f"inputs must be a path, a list of paths/globs, or an iterable of str, not {type(inputs).__name__}"
@@ -191,15 +192,6 @@ def _directory_files(root: str) -> list[str]:
             if not name.startswith(".") and name.lower().endswith(INPUT_SUFFIXES):
                 out.append(os.path.join(dirpath, name))
     return out
-
-
-def _safe(text: str) -> str:
-    """Lone surrogates cannot be UTF-8 encoded; they become U+FFFD, as in ``Tokenizer.encode``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
 
 
 def _batches(items: Iterator[object]) -> Iterator[list[str]]:
