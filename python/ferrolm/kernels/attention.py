@@ -270,21 +270,19 @@ def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# SDPA fallback: same semantics, an explicit boolean mask, autograd through torch
+# SDPA fallback: same semantics, autograd through torch (documents: an explicit boolean mask)
 
 
 def _sdpa_dense(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> torch.Tensor:
-    T = q.shape[1]
-    mask = None  # non-causal without documents: every key visible
-    if causal:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T): key j <= query i
+    # is_causal rather than an explicit (T, T) mask: same result (queries and keys have the same
+    # length), and SDPA then picks its fused CPU / flash paths instead of the masked one.
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # (B, H, T, D)
         k.transpose(1, 2),  # (B, H_kv, T, D)
         v.transpose(1, 2),
-        attn_mask=mask,
+        is_causal=causal,
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, T, D)
