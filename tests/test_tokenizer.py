@@ -175,6 +175,18 @@ def test_gpt2_exports_load_in_tiktoken_and_hf(gpt2, gpt2_tiktoken, tmp_path):
     assert hf.encode(text, add_special_tokens=False).ids == gpt2.encode(text)
     assert reloaded.encode(text) == gpt2.encode(text)
     assert reloaded.special_tokens == {"<|endoftext|>": 50256}
+    assert hf.token_to_id("<|endoftext|>") == 50256
+
+
+def test_trained_tokenizer_json_keeps_special_ids_in_hf(tmp_path):
+    corpus = ["special tokens come first in a trained vocabulary", "and keep their ids"] * 20
+    ours = Tokenizer.train(iter(corpus), 300, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False)
+    ours.save(tmp_path / "tokenizer.json")
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.get_vocab_size() == ours.vocab_size
+    for name, token_id in ours.special_tokens.items():
+        assert hf.token_to_id(name) == token_id
+        assert hf.decode([token_id], skip_special_tokens=False) == name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +364,12 @@ def test_saved_tokenizer_json_loads_in_hf_and_encodes_identically(trained, patte
     ]:
         assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text)
         assert again.encode(text) == ours.encode(text)
+    # Special tokens keep their ids in HF (it renumbers added tokens missing from model.vocab).
+    assert ours.special_tokens
+    for name, token_id in ours.special_tokens.items():
+        assert hf.token_to_id(name) == token_id
+        text = f"before{name}after"
+        assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, allowed_special="all")
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

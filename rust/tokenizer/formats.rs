@@ -535,6 +535,11 @@ pub fn to_hf_json(tokenizer: &Tokenizer) -> Result<String> {
     for (bytes, id) in &ordinary {
         vocab.insert(bytelevel::encode_bytes(bytes), json!(id));
     }
+    // Special tokens go in the model vocabulary too, as Hugging Face writes them: tokenizers gives
+    // an added token that is missing from model.vocab a fresh id, ignoring the one listed.
+    for (content, id) in &parts.specials {
+        vocab.entry(content.clone()).or_insert_with(|| json!(id));
+    }
     let merges: Vec<Value> = tokenizer
         .merge_list()?
         .into_iter()
