@@ -371,6 +371,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         reduction: str = "mean",
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
@@ -379,6 +380,8 @@ class GPT(nn.Module):
         gradient-accumulation window). ``cu_seqlens`` (int32, over the flattened B*T tokens) restricts
         attention to documents; ``position_ids`` (B, T) then restart at each document. ``cache`` decodes
         incrementally. ``last_only`` computes logits for the last position only (generation).
+        ``return_hidden`` returns the final normalised hidden states (B, T, C) in place of the logits, and
+        no loss: what a task head (``ferrolm.finetune``'s classifier) reads instead of the LM head.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -400,6 +403,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)  # (B, T, C)
+        if return_hidden:
+            return x, None
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padding rows cropped

@@ -1,0 +1,739 @@
+"""Fine-tuning for sequence classification: a pretrained GPT, a labelled file, a classifier out.
+
+Reads top to bottom like ``ferrolm.train``: the config, reading labelled files, the model (the GPT
+backbone plus a linear ``score`` head), metrics, the classifier directory, the loop, then evaluation and
+prediction. ``ferrolm finetune / evaluate / predict`` are thin shells over ``finetune``, ``evaluate``
+and ``Classifier``.
+
+- The head is Hugging Face's ``GPT2ForSequenceClassification`` (and ``LlamaForSequenceClassification``):
+  ``score = Linear(n_embd, num_labels, bias=False)`` applied to the final hidden state of each text's
+  LAST real token, the only position that has read the whole text in a causal model. ``ferrolm export``
+  writes such a run as that Hugging Face class, whose logits equal ours.
+- Padded batches, not packed ones. Each batch is padded on the right to its longest text with the
+  tokenizer's ``<|endoftext|>`` id (what Hugging Face users set as ``pad_token_id`` for GPT-2, which has
+  no pad token). In a causal model a token sees only the tokens before it, so the last real token never
+  sees the pads after it: no attention mask is needed, the plain causal kernel runs, and a text's logits
+  do not depend on the batch it is in. Packing several texts per row with a document mask would waste
+  less compute on pads, but labelled texts are short and batches are padded only to their own longest
+  text (evaluation also sorts by length first), so the saving is small, while padding keeps the forward
+  pass and the pooling identical to the Hugging Face class we export to. Texts are encoded as ordinary
+  text (``encode_ordinary``), so the pad id never occurs inside a text and "last real token" is also
+  Hugging Face's "last token that is not ``pad_token_id``".
+- A bidirectional encoder (a ``--objective mlm`` run, ``causal=False``) would let every real token attend
+  to the pads. For it each row's pads become a document of their own in ``cu_seqlens`` (the document
+  mask of ``ferrolm.kernels``' varlen attention), so real tokens attend to real tokens only, and the
+  head reads the last real token as well, which in an encoder has seen the whole text. Hugging Face has
+  no causal-LM class for such a model, so these runs cannot be exported.
+- Distribution-ready (issue #9 wraps the loop in DDP): each epoch's example order is a seeded permutation
+  of the whole training set, the same on every rank; each global batch of ``batch_size`` examples is cut
+  into ``world_size`` contiguous slices and rank ``r`` takes slice ``r``; each rank's loss is its slice's
+  SUMMED cross-entropy divided by the GLOBAL batch size, so the losses and gradients of all ranks sum
+  to the global batch's mean (a DDP all-reduce that averages must be multiplied back by world_size).
+- Files (convention 8): ``FT_RUN/classifier.json`` is written last, atomically, and names the weights
+  file it goes with (with its sha256); a new best epoch writes new weights under a new name first, so a
+  crash at any point leaves the previous best classifier complete. No pickle.
+
+>>> summary = finetune(FinetuneConfig(model="runs/tiny", train="train.csv", eval="dev.csv",
+...                                   out="runs/sst2"))                       # doctest: +SKIP
+>>> Classifier.load("runs/sst2").predict(["a gripping, funny film"])          # doctest: +SKIP
+[('positive', 0.97)]
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ferrolm._core import FerrolmError
+from ferrolm.model import GPT, GPTConfig
+from ferrolm.train import _Progress, _read_tensors, _sha256, atomic_write_text, resolve_device
+
+__all__ = [
+    "Classifier",
+    "Example",
+    "FinetuneConfig",
+    "SequenceClassifier",
+    "classification_metrics",
+    "epoch_order",
+    "evaluate",
+    "finetune",
+    "predict",
+    "rank_loss",
+    "rank_slice",
+    "read_examples",
+]
+
+CLASSIFIER_FORMAT = "ferrolm-classifier"
+CLASSIFIER_VERSION = 1
+CLASSIFIER_FILE = "classifier.json"  # its presence marks a complete fine-tuned classifier directory
+DATA_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+
+Label = int | str
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = ""  # pretrained model: a ferrolm run directory or a Hugging Face GPT-2/Llama directory
+    train: str = ""  # labelled training data: .csv, .tsv or .jsonl (.json: JSON lines too)
+    eval: str = ""  # labelled evaluation data, scored after every epoch to choose the checkpoint kept
+    out: str = ""  # output directory: classifier.json, the weights, tokenizer.json, metrics.jsonl
+    text_column: str = "sentence"  # column (CSV/TSV header) or JSON key of the text (GLUE's name)
+    label_column: str = "label"  # column or JSON key of the label: a string or an integer
+    epochs: int = 3  # passes over the training set (BERT and GPT-1 fine-tune for 3)
+    lr: float = 1e-5  # peak learning rate: small, the pretrained weights need only a nudge
+    batch_size: int = 32  # examples per optimizer step: the GLOBAL batch, split over ranks
+    max_length: int | None = None  # tokens kept per text (the end is cut); None = the model's context
+    warmup_ratio: float = 0.06  # fraction of all steps with a linear warmup (RoBERTa's fine-tuning value)
+    warmup_steps: int | None = None  # warmup length in steps; overrides warmup_ratio when set
+    weight_decay: float = 0.01  # AdamW decay on matmul weights only (BERT's fine-tuning value)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    dropout: float = 0.1  # embeddings + residuals (GPT-2's value): small labelled sets overfit without
+    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    seed: int = 0  # head init, dropout and the example order of each epoch
+    progress: bool = True  # progress line on stderr
+
+    def validate(self) -> FinetuneConfig:
+        for name, what in (
+            ("model", "a run or Hugging Face directory"),
+            ("train", "a file"),
+            ("out", "a directory"),
+        ):
+            if not getattr(self, name):
+                raise FerrolmError(f"finetune config: {name} ({what}) is required")
+        if not self.eval:
+            raise FerrolmError("finetune config: eval (a labelled file scored each epoch) is required")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FerrolmError(f"finetune config: {name} must be a positive integer, got {value!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise FerrolmError(
+                f"finetune config: max_length must be a positive integer, got {self.max_length!r}"
+            )
+        if self.warmup_steps is not None and (
+            not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise FerrolmError(f"finetune config: warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if not self.lr > 0:
+            raise FerrolmError(f"finetune config: lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise FerrolmError(f"finetune config: warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise FerrolmError("finetune config: weight_decay and grad_clip must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FerrolmError(f"finetune config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise FerrolmError(f"finetune config: device must be cpu, cuda or auto, got {self.device!r}")
+        return self
+
+
+def lr_at(step: int, total_steps: int, warmup: int, lr: float) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total_steps`` (BERT's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labelled files: CSV, TSV (header row first) and JSON lines (one object per line)
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: Label
+    line: int  # where the record starts in its file (1-based), for error messages
+
+
+def read_examples(
+    path: str | os.PathLike[str], text_column: str = "sentence", label_column: str = "label"
+) -> list[Example]:
+    """The labelled examples of a ``.csv``, ``.tsv`` or ``.jsonl``/``.json`` (JSON lines) file.
+
+    CSV and TSV files are read with Python's ``csv`` module (a header row, fields quoted with ``"`` when
+    they hold the delimiter, a quote or a newline). Labels are integers when every label of the file is
+    one (a JSON integer, or a field such as ``3`` or ``-1``), strings otherwise. Every problem is a
+    ``FerrolmError`` naming the file, the line and the column.
+    """
+    path = Path(path)
+    kind = DATA_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise FerrolmError(
+            f"{path}: unknown data format {path.suffix!r}: use .csv, .tsv or .jsonl (JSON lines)"
+        )
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")  # a byte-order mark (as Excel writes) is dropped
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise FerrolmError(
+            f"{path}:{line}: not valid UTF-8 (byte {error.start}); save the file as UTF-8"
+        ) from None
+    records = _jsonl_records(path, content) if kind == "jsonl" else _delimited_records(path, content, kind)
+    examples = []
+    for line, record in records:
+        for column in (text_column, label_column):
+            if column not in record:
+                present = ", ".join(repr(c) for c in record)
+                raise FerrolmError(f"{path}:{line}: no column {column!r} (columns: {present})")
+        text, label = record[text_column], record[label_column]
+        if not isinstance(text, str):
+            raise FerrolmError(f"{path}:{line}: column {text_column!r} must be a string, got {text!r}")
+        if not text.strip():
+            raise FerrolmError(f"{path}:{line}: column {text_column!r} is empty (every example needs text)")
+        if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
+            raise FerrolmError(
+                f"{path}:{line}: column {label_column!r} must be a non-empty string or an integer, got {label!r}"
+            )
+        examples.append(Example(text, label, line))
+    if not examples:
+        raise FerrolmError(
+            f"{path}: no examples (the file is empty{' but for its header' if raw.strip() else ''})"
+        )
+    as_ints = [i for e in examples if (i := _as_int(e.label)) is not None]
+    if len(as_ints) == len(examples):
+        return [dataclasses.replace(e, label=i) for e, i in zip(examples, as_ints, strict=True)]
+    return [dataclasses.replace(e, label=str(e.label)) for e in examples]
+
+
+def _as_int(label: Label) -> int | None:
+    """An integer label, or the integer a field spells in canonical form ("3", "-1"; not "03", "+3")."""
+    if isinstance(label, int):
+        return label
+    return int(label) if re.fullmatch(r"-?(0|[1-9][0-9]*)", label) and label != "-0" else None
+
+
+def _delimited_records(path: Path, content: str, kind: str) -> list[tuple[int, dict[str, Any]]]:
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter="," if kind == "csv" else "\t")
+    records: list[tuple[int, dict[str, Any]]] = []
+    header: list[str] | None = None
+    try:
+        while True:
+            start = reader.line_num + 1  # line_num counts the lines read so far; a record may span several
+            row = next(reader, None)
+            if row is None:
+                break
+            if not row:  # a blank line
+                continue
+            if header is None:
+                header = row
+                continue
+            if len(row) != len(header):
+                raise FerrolmError(
+                    f"{path}:{start}: {len(row)} fields, the header has {len(header)} "
+                    f"({', '.join(map(repr, header))}); quote fields that hold the delimiter"
+                )
+            records.append((start, dict(zip(header, row, strict=True))))
+    except csv.Error as error:
+        raise FerrolmError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({error})") from None
+    return records
+
+
+def _jsonl_records(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
+    records = []
+    # Only "\n" ends a line: str.splitlines() would also split at U+2028, U+0085... inside strings.
+    for line, text in enumerate(content.split("\n"), start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise FerrolmError(
+                f"{path}:{line}: not valid JSON ({error.msg} at column {error.colno}); "
+                "expected JSON lines: one object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise FerrolmError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+        records.append((line, record))
+    return records
+
+
+def _label_ids(examples: list[Example], labels: Sequence[Label], path: str) -> list[int]:
+    """Each example's label as an index into ``labels`` (a classifier's sorted label list)."""
+    ints = all(isinstance(label, int) for label in labels)
+    index = {label: i for i, label in enumerate(labels)}
+    ids = []
+    for example in examples:
+        label = _as_int(example.label) if ints else str(example.label)
+        if label not in index:
+            raise FerrolmError(
+                f"{path}:{example.line}: label {example.label!r} is not one the classifier knows "
+                f"({', '.join(map(repr, labels))})"
+            )
+        ids.append(index[label])
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+class SequenceClassifier(nn.Module):
+    """A GPT backbone and a linear ``score`` head on each text's last real token.
+
+    ``forward(idx (B, T), lengths (B,)) -> logits (B, num_labels)``; rows are right-padded, row ``b``'s
+    real tokens are ``idx[b, :lengths[b]]``.
+    """
+
+    def __init__(self, gpt: GPT, num_labels: int) -> None:
+        super().__init__()
+        self.gpt = gpt
+        # Hugging Face's `score`: no bias, normal(0, 0.02) init like every other linear layer.
+        self.score = nn.Linear(gpt.config.n_embd, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        kwargs: dict[str, Any] = {}
+        if not self.gpt.config.causal:
+            # An encoder: row b is two documents, its text and its pads, so no text token sees a pad.
+            row_starts = torch.arange(B, device=idx.device) * T  # (B,)
+            bounds = torch.stack([row_starts + lengths, row_starts + T], dim=1).flatten()  # (2B,)
+            cu_seqlens = torch.cat([bounds.new_zeros(1), bounds]).to(torch.int32)  # (2B + 1,)
+            kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=T)
+        hidden, _ = self.gpt(idx, return_hidden=True, **kwargs)  # (B, T, C)
+        last = hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real token
+        return self.score(last)  # (B, num_labels)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        groups = self.gpt.optimizer_groups(weight_decay)
+        groups[0]["params"].append(self.score.weight)  # a matmul weight: decayed like the others
+        return groups
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors under their ferrolm names, plus ``score.weight``."""
+        return {**self.gpt.weights(), "score.weight": self.score.weight.detach().contiguous()}
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to the longest: (idx (B, T) int64, lengths (B,) int64)."""
+    T = max(len(s) for s in sequences)
+    idx = torch.full((len(sequences), T), pad_id, dtype=torch.long)  # (B, T)
+    for row, s in enumerate(sequences):
+        idx[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)  # (B,)
+    return idx.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def _log_probs(
+    model: SequenceClassifier,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Log-probabilities (N, num_labels), float32 on the CPU, in eval mode. Texts are batched by length
+    (less padding); each text's result does not depend on its batch (see the module docstring)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.empty(len(sequences), model.score.out_features)  # (N, K)
+    with _autocast(device):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            idx, lengths = pad_batch([sequences[i] for i in rows], pad_id, device)
+            out[rows] = F.log_softmax(model(idx, lengths).float(), dim=-1).cpu()  # (B, K)
+    model.train(was_training)
+    return out
+
+
+def _autocast(device: torch.device) -> Any:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def classification_metrics(true: Sequence[int], predicted: Sequence[int], num_labels: int) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the confusion matrix of label indices.
+
+    ``confusion[t][p]`` counts examples of true label ``t`` predicted ``p``. Macro-F1 averages the F1 of
+    every label that occurs among the true OR the predicted labels (scikit-learn's default), where
+    F1 = 2 TP / (2 TP + FP + FN).
+    """
+    confusion = [[0] * num_labels for _ in range(num_labels)]
+    for t, p in zip(true, predicted, strict=True):
+        confusion[t][p] += 1
+    n = len(true)
+    f1s = []
+    for k in range(num_labels):
+        tp = confusion[k][k]
+        fn = sum(confusion[k]) - tp
+        fp = sum(row[k] for row in confusion) - tp
+        if tp + fn + fp:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {
+        "accuracy": sum(confusion[k][k] for k in range(num_labels)) / n if n else 0.0,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "confusion": confusion,
+    }
+
+
+def _score(log_probs: torch.Tensor, label_ids: Sequence[int]) -> dict[str, Any]:
+    """Metrics of log-probabilities (N, K) against the true label ids, with the mean cross-entropy."""
+    target = torch.tensor(label_ids, dtype=torch.long)
+    metrics = classification_metrics(label_ids, log_probs.argmax(dim=-1).tolist(), log_probs.shape[1])
+    metrics["loss"] = float(F.nll_loss(log_probs, target)) if len(label_ids) else float("nan")
+    metrics["n"] = len(label_ids)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pretrained model in, the classifier directory out
+
+
+def load_backbone(path: str | os.PathLike[str]) -> tuple[GPT, Any]:
+    """(GPT, ferrolm Tokenizer) of a ``ferrolm pretrain`` run directory or a Hugging Face directory."""
+    from ferrolm import Tokenizer
+
+    path = Path(path)
+    if (path / CLASSIFIER_FILE).is_file():
+        raise FerrolmError(
+            f"{path} is a fine-tuned classifier: fine-tune from the pretrained model it came from "
+            f"(its {CLASSIFIER_FILE} names it under source_model)"
+        )
+    if (path / "checkpoints" / "latest").is_file():
+        from ferrolm.train import load_model
+
+        model = load_model(path)
+    elif (path / "config.json").is_file():
+        model = GPT.from_pretrained(path)
+    else:
+        raise FileNotFoundError(
+            f"{path}: neither a ferrolm run (checkpoints/latest) nor a Hugging Face directory"
+        )
+    tokenizer = Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise FerrolmError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of each text, cut to ``max_length``; and how many texts were cut."""
+    ids = tokenizer.encode_ordinary_batch(list(texts))  # ordinary text: never the pad (special) id
+    return [s[:max_length] for s in ids], sum(len(s) > max_length for s in ids)
+
+
+def _save_best(out: Path, model: SequenceClassifier, meta: dict[str, Any]) -> None:
+    """Weights under a new name, then classifier.json naming them (atomically), then the old weights go."""
+    from safetensors.torch import save_file
+
+    name = f"model-epoch-{meta['epoch']:03d}.safetensors"
+    tmp = out / f".{name}.tmp"
+    save_file({k: v.cpu() for k, v in model.weights().items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out / name)
+    meta = {**meta, "weights": name, "sha256": _sha256(out / name)}
+    atomic_write_text(out / CLASSIFIER_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    for old in out.glob("model-epoch-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation of range(n) by torch's CPU generator (Mersenne
+    Twister) seeded with ``seed`` and the epoch, the same on every rank and on every run."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def rank_slice(rows: Sequence[int], rank: int, world_size: int) -> Sequence[int]:
+    """Rank ``rank``'s contiguous share of a global batch (shares differ in size by one at most)."""
+    n = len(rows)
+    return rows[rank * n // world_size : (rank + 1) * n // world_size]
+
+
+def rank_loss(
+    model: SequenceClassifier,
+    sequences: Sequence[Sequence[int]],
+    label_ids: Sequence[int],
+    global_batch: int,
+    pad_id: int,
+) -> tuple[torch.Tensor, int]:
+    """(loss, real tokens) of one rank's rows: their SUMMED cross-entropy divided by the number of rows in
+    the GLOBAL batch, so that the losses (and gradients) of all ranks add up to the global batch's mean."""
+    device = next(model.parameters()).device  # (works for a DDP-wrapped model too)
+    idx, lengths = pad_batch(sequences, pad_id, device)
+    target = torch.tensor(label_ids, dtype=torch.long, device=device)
+    with _autocast(device):
+        logits = model(idx, lengths)  # (b, K)
+    loss = F.cross_entropy(logits.float(), target, reduction="sum") / global_batch
+    return loss, int(lengths.sum())
+
+
+def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Fine-tune ``config.model`` to classify ``config.train`` into ``config.out``; the epoch with the best
+    eval accuracy (ties: the lower eval loss) is kept. ``rank``/``world_size`` pick this process's share
+    of each batch (see the module docstring); only rank 0 writes files. Returns a summary."""
+    config.validate()
+    if not 0 <= rank < world_size:
+        raise FerrolmError(f"rank {rank} is not in [0, world_size={world_size})")
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    if (out / CLASSIFIER_FILE).exists():
+        raise FerrolmError(f"{out} already holds a fine-tuned classifier: choose another --out")
+
+    # --- data: labels come from the training set, sorted (integers numerically) ----------------------
+    train = read_examples(config.train, config.text_column, config.label_column)
+    labels: list[Label] = sorted({e.label for e in train})  # type: ignore[type-var]
+    if len(labels) < 2:
+        raise FerrolmError(f"{config.train}: needs at least 2 distinct labels, found {labels}")
+    evaluation = read_examples(config.eval, config.text_column, config.label_column)
+    train_y = _label_ids(train, labels, config.train)
+    eval_y = _label_ids(evaluation, labels, config.eval)
+
+    # --- model: the pretrained backbone, a fresh head -------------------------------------------------
+    torch.manual_seed(config.seed)
+    gpt, tokenizer = load_backbone(config.model)
+    pad_id = tokenizer.eot_token
+    if pad_id is None:
+        raise FerrolmError(f"{config.model}: the tokenizer has no <|endoftext|> (or </s>) token to pad with")
+    max_length = config.max_length or gpt.config.block_size
+    if max_length > gpt.config.block_size:
+        raise FerrolmError(f"max_length {max_length} exceeds the model's context of {gpt.config.block_size}")
+    gpt.config.dropout = config.dropout
+    for module in gpt.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = config.dropout
+    model = SequenceClassifier(gpt, len(labels)).to(device)
+    train_x, cut = _encode(tokenizer, [e.text for e in train], max_length)
+    eval_x, eval_cut = _encode(tokenizer, [e.text for e in evaluation], max_length)
+
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    warmup = (
+        config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
+    )
+    optimizer = torch.optim.AdamW(
+        model.optimizer_groups(config.weight_decay),
+        lr=config.lr,
+        betas=(0.9, 0.999),  # the usual fine-tuning betas (BERT); short runs need no 0.95
+        eps=1e-8,
+        fused=device.type == "cuda",
+    )
+
+    writer = rank == 0
+    progress = _Progress(config.progress and writer, total_steps, 0)
+    if cut or eval_cut:
+        progress.note(f"{cut} training and {eval_cut} eval texts are longer than {max_length} tokens: cut")
+    meta = {
+        "format": CLASSIFIER_FORMAT,
+        "version": CLASSIFIER_VERSION,
+        "model_config": gpt.config.to_dict(),
+        "num_labels": len(labels),
+        "labels": labels,
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {str(label): i for i, label in enumerate(labels)},
+        "pad_token_id": pad_id,
+        "max_length": max_length,
+        "text_column": config.text_column,
+        "label_column": config.label_column,
+        "source_model": str(config.model),
+        "finetune_config": dataclasses.asdict(config),
+    }
+    records: list[dict[str, Any]] = []
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "tokenizer.json", tokenizer.to_json())
+
+    step, best = 0, None
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        order = epoch_order(len(train), config.seed, epoch)
+        train_loss, train_count = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]  # the global batch
+            lr = lr_at(step, total_steps, warmup, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Every rank needs a row to step in lockstep: a last batch smaller than world_size is
+            # skipped (at most world_size - 1 examples an epoch, different ones each epoch).
+            if len(batch) >= world_size:
+                started = time.perf_counter()
+                rows = rank_slice(batch, rank, world_size)
+                loss, tokens = rank_loss(
+                    model, [train_x[i] for i in rows], [train_y[i] for i in rows], len(batch), pad_id
+                )
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss = float(loss.detach())
+                train_loss += batch_loss * len(batch)
+                train_count += len(batch)
+                tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
+                progress.update(step + 1, batch_loss, lr, tokens_per_s)
+            step += 1
+
+        result = _score(_log_probs(model, eval_x, pad_id, config.batch_size, device), eval_y)
+        is_best = best is None or (result["accuracy"], -result["loss"]) > (best["accuracy"], -best["loss"])
+        records.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": train_loss / max(train_count, 1),  # this rank's share when world_size > 1
+                **{f"eval_{k}": v for k, v in result.items()},
+                "best": is_best,
+            }
+        )
+        if is_best:
+            best = {**result, "epoch": epoch}
+        if writer:
+            if is_best:
+                _save_best(out, model, {**meta, "epoch": epoch, "step": step, "metrics": result})
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        progress.note(
+            f"epoch {epoch}/{config.epochs}: eval accuracy {result['accuracy']:.4f}, macro-F1 "
+            f"{result['macro_f1']:.4f}, loss {result['loss']:.4f}" + (" (best so far)" if is_best else "")
+        )
+    progress.close()
+    assert best is not None
+    return {
+        "run_dir": str(out),
+        "best_epoch": best["epoch"],
+        "accuracy": best["accuracy"],
+        "macro_f1": best["macro_f1"],
+        "eval_loss": best["loss"],
+        "epochs": config.epochs,
+        "steps": step,
+        "train_examples": len(train),
+        "eval_examples": len(evaluation),
+        "labels": labels,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and prediction
+
+
+class Classifier:
+    """A fine-tuned classifier directory, loaded once: ``predict`` texts, ``evaluate`` labelled files.
+
+    >>> clf = Classifier.load("runs/sst2")                                   # doctest: +SKIP
+    >>> clf.predict(["what a film", "dull"])                                 # doctest: +SKIP
+    [('positive', 0.93), ('negative', 0.88)]
+    """
+
+    def __init__(self, model: SequenceClassifier, tokenizer: Any, meta: dict[str, Any], device: torch.device):
+        self.model, self.tokenizer, self.meta, self.device = model, tokenizer, meta, device
+        self.labels: list[Label] = meta["labels"]
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str], device: str = "cpu") -> Classifier:
+        from ferrolm import Tokenizer
+
+        run_dir = Path(run_dir)
+        meta_path = run_dir / CLASSIFIER_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{run_dir}: no {CLASSIFIER_FILE} (not a ferrolm finetune output)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise FerrolmError(f"{meta_path}: corrupt ({error})") from None
+        if meta.get("format") != CLASSIFIER_FORMAT or meta.get("version") != CLASSIFIER_VERSION:
+            raise FerrolmError(f"{meta_path}: not a ferrolm classifier (format={meta.get('format')!r})")
+        weights_path = run_dir / meta["weights"]
+        if not weights_path.is_file():
+            raise FerrolmError(f"{weights_path}: missing (named by {meta_path})")
+        if _sha256(weights_path) != meta["sha256"]:
+            raise FerrolmError(f"{weights_path}: corrupt (sha256 differs from the one in {meta_path})")
+        state = _read_tensors(weights_path)
+        score = state.pop("score.weight", None)
+        if score is None or tuple(score.shape) != (meta["num_labels"], meta["model_config"]["n_embd"]):
+            raise FerrolmError(f"{weights_path}: no score.weight of shape ({meta['num_labels']}, n_embd)")
+        gpt = GPT(GPTConfig.from_dict(meta["model_config"]))
+        gpt.load_weights(state, source=str(weights_path))
+        model = SequenceClassifier(gpt, meta["num_labels"])
+        with torch.no_grad():
+            model.score.weight.copy_(score)
+        target = resolve_device(device)
+        return cls(model.to(target).eval(), Tokenizer.from_pretrained(run_dir), meta, target)
+
+    def log_probs(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Log-probabilities (N, num_labels) of ``texts``, label order ``self.labels``."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise FerrolmError(f"text {i} is empty or not a string: {text!r}")
+        ids, _ = _encode(self.tokenizer, texts, self.meta["max_length"])
+        return _log_probs(self.model, ids, self.meta["pad_token_id"], batch_size, self.device)
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[tuple[Label, float]]:
+        """(label, probability) of the likeliest label of each text."""
+        best = self.log_probs(texts, batch_size).max(dim=-1)
+        return [
+            (self.labels[i], math.exp(lp))
+            for lp, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+        ]
+
+    def evaluate(
+        self,
+        data: str | os.PathLike[str],
+        *,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        batch_size: int = 64,
+    ) -> dict[str, Any]:
+        """Accuracy, macro-F1, confusion matrix (rows true, columns predicted, in ``labels`` order), mean
+        cross-entropy ``loss`` and example count ``n`` on a labelled file. Columns default to the ones
+        the classifier was trained with."""
+        examples = read_examples(
+            data, text_column or self.meta["text_column"], label_column or self.meta["label_column"]
+        )
+        label_ids = _label_ids(examples, self.labels, str(data))
+        result = _score(self.log_probs([e.text for e in examples], batch_size), label_ids)
+        return {**result, "labels": self.labels}
+
+
+def evaluate(
+    run_dir: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """``Classifier.load(run_dir).evaluate(data)``: keys accuracy, macro_f1, confusion, labels, loss, n."""
+    return Classifier.load(run_dir, device).evaluate(
+        data, text_column=text_column, label_column=label_column, batch_size=batch_size
+    )
+
+
+def predict(
+    run_dir: str | os.PathLike[str], texts: Sequence[str], *, device: str = "cpu"
+) -> list[tuple[Label, float]]:
+    """``Classifier.load(run_dir).predict(texts)``: (label, probability) per text."""
+    return Classifier.load(run_dir, device).predict(texts)
