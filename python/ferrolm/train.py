@@ -10,6 +10,12 @@ loop, then metrics and the plot. ``ferrolm pretrain`` is a thin shell over ``pre
 - Exact resume (as llm.c): a checkpoint holds the weights, the AdamW moments, the step, the loader's
   position and every random generator (Python, torch CPU and CUDA, the masked-LM masker), so k steps,
   a resume and N - k more steps give the same losses, bit for bit on CPU, as N straight steps.
+- Distributed (``torchrun -m ferrolm pretrain``, ``ferrolm.distributed``): ``global_batch_size`` rows per
+  optimizer step, split as world_size ranks x grad_accum micro-steps x batch_size rows; each rank reads its
+  slice of the loader's global stream, the loss is normalised by the target count of the whole job's
+  window, so N ranks take the step one process takes on the same rows (up to summation order). Only rank 0
+  writes files; checkpoints are gathered into the single-device layout, so they resume on any number of
+  ranks with the same global batch and export as usual.
 - Files (convention 8): a checkpoint is written into a temporary directory, each file fsynced, the
   directory renamed to ``checkpoints/step-NNNNNNNN``, and only then the ``checkpoints/latest`` pointer
   replaced; a crash at any point leaves the last good checkpoint and its pointer intact. No pickle:
@@ -35,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ferrolm import distributed
 from ferrolm._core import FerrolmError
 from ferrolm.model import GPT, IGNORE_INDEX, GPTConfig, mask_tokens
 
@@ -56,14 +63,20 @@ class TrainConfig:
     out: str = ""  # run directory: checkpoints/, metrics.jsonl, loss.png, tokenizer.json
     preset: str = "tiny"  # model size, see ferrolm.model.PRESETS
     model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields overriding the preset
-    init_from: str | None = None  # a Hugging Face directory to start from instead of random weights
+    init_from: str | None = None  # start from a ferrolm run (its latest weights) or a Hugging Face dir
     objective: str = "clm"  # "clm" next-token prediction (decoder) or "mlm" masked-LM (encoder)
     mask_prob: float = 0.15  # mlm: fraction of tokens predicted (BERT)
     max_steps: int | None = None  # optimizer steps; or derived from max_tokens; default 1000
-    max_tokens: int | None = None  # training tokens (batch_size * seq_len * grad_accum per step)
-    batch_size: int = 8  # rows per micro-step
+    max_tokens: int | None = None  # training tokens (global_batch_size * seq_len per step)
+    batch_size: int = 8  # rows per micro-step, per rank
     seq_len: int | None = None  # tokens per row; None = the model's context (block_size)
-    grad_accum: int = 1  # micro-steps per optimizer step
+    grad_accum: int | None = None  # micro-steps per optimizer step; None = from global_batch_size, or 1
+    # Rows per optimizer step over all ranks (world_size * grad_accum * batch_size); fixing it (not
+    # grad_accum) keeps the step the same whatever the number of GPUs. None = world_size * batch_size *
+    # grad_accum.
+    global_batch_size: int | None = None
+    parallel: str = "auto"  # "ddp", "fsdp", "none", or "auto" (ddp when torchrun starts several ranks)
+    reduce_dtype: str = "float32"  # fsdp on CUDA: gradient reduce-scatter dtype (bfloat16 halves traffic)
     lr: float = 6e-4  # peak learning rate (GPT-3 paper's value for 125M models)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this (Chinchilla: 10x lower)
     warmup: int = 100  # linear warmup steps (capped at max_steps)
@@ -105,7 +118,6 @@ class TrainConfig:
             raise FerrolmError(f"train config: device must be cpu, cuda or auto, got {self.device!r}")
         for name in (
             "batch_size",
-            "grad_accum",
             "eval_interval",
             "eval_batches",
             "checkpoint_interval",
@@ -115,13 +127,43 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "max_tokens", "seq_len"):
+        for name in ("max_steps", "max_tokens", "seq_len", "grad_accum", "global_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
         if not self.lr > 0 or self.warmup < 0 or self.grad_clip < 0:
             raise FerrolmError("train config: lr must be > 0, warmup and grad_clip >= 0")
+        if self.parallel not in distributed.PARALLEL_MODES:
+            raise FerrolmError(
+                f"train config: parallel must be auto, none, ddp or fsdp, got {self.parallel!r}"
+            )
+        if self.reduce_dtype not in ("float32", "bfloat16"):
+            raise FerrolmError(
+                f"train config: reduce_dtype must be float32 or bfloat16, got {self.reduce_dtype!r}"
+            )
         return self
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(grad_accum, global_batch_size) for ``world_size`` ranks; raises when they cannot agree.
+        Every rank computes it from the same config and environment, before any collective."""
+        per_micro_step = world_size * self.batch_size  # rows the job takes per micro-step
+        if self.global_batch_size is None:
+            grad_accum = self.grad_accum or 1
+            return grad_accum, per_micro_step * grad_accum
+        if self.global_batch_size % per_micro_step:
+            raise FerrolmError(
+                f"global_batch_size {self.global_batch_size} is not divisible by world_size {world_size} x "
+                f"batch_size {self.batch_size} = {per_micro_step}: change --batch-size or the number of "
+                "processes"
+            )
+        grad_accum = self.global_batch_size // per_micro_step
+        if self.grad_accum is not None and self.grad_accum != grad_accum:
+            raise FerrolmError(
+                f"global_batch_size {self.global_batch_size} = world_size {world_size} x batch_size "
+                f"{self.batch_size} x grad_accum {grad_accum}, but grad_accum is {self.grad_accum}: give "
+                "one of the two"
+            )
+        return grad_accum, self.global_batch_size
 
 
 def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -222,9 +264,12 @@ def _set_rng_state(state: dict[str, Any], mlm_generator: torch.Generator | None)
         mlm_generator.set_state(_unb64(state["mlm"]))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """AdamW's state as flat tensors ``state.{param index}.{exp_avg|exp_avg_sq|step}`` plus JSON groups."""
-    sd = optimizer.state_dict()
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW's state (an optimizer, or its state dict in torch.optim's index layout) as flat tensors
+    ``state.{param index}.{exp_avg|exp_avg_sq|step}`` plus JSON groups."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {
         f"state.{index}.{key}": value.detach().cpu().contiguous()
         for index, entries in sd["state"].items()
@@ -234,14 +279,19 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``_optimizer_tensors``: a state dict ``optimizer.load_state_dict`` takes."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = tensor
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    optimizer.load_state_dict(_optimizer_state(tensors, meta))
 
 
 def save_checkpoint(
@@ -253,6 +303,19 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoints/step-NNNNNNNN atomically, then point checkpoints/latest at it."""
+    return write_checkpoint(run_dir, step, model.weights(), optimizer.state_dict(), meta, keep)
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
+    """``save_checkpoint`` from tensors: the model's weights (no tied duplicate) and the optimizer's
+    state dict in torch.optim's index layout (what ``ferrolm.distributed`` gathers on rank 0)."""
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -262,9 +325,9 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.cpu() for k, v in model.weights().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
     files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}
     state = {
@@ -289,8 +352,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint directory, its state.json) of a run's latest checkpoint, checked for completeness."""
+def load_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint directory, its state.json) of a run's latest checkpoint, checked for completeness
+    (``verify=False``: without hashing the tensor files, for a caller that only needs state.json)."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if not pointer.is_file():
@@ -309,7 +373,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, An
         file = path / name
         if not file.is_file():
             raise FerrolmError(f"{file}: missing from the checkpoint")
-        if _sha256(file) != digest:
+        if verify and _sha256(file) != digest:
             raise FerrolmError(f"{file}: corrupt (sha256 differs from the one recorded in state.json)")
     return path, state
 
@@ -323,10 +387,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise FerrolmError(f"{path}: not a readable safetensors file ({error})") from None
 
 
-def load_model(run_dir: str | os.PathLike[str], device: str = "cpu") -> GPT:
-    """The model of a run's latest checkpoint, in eval mode."""
+def load_model(run_dir: str | os.PathLike[str], device: str = "cpu", **overrides: Any) -> GPT:
+    """The model of a run's latest checkpoint, in eval mode; ``overrides`` change GPTConfig fields
+    that do not change the weights' shapes (e.g. dropout)."""
     path, state = load_checkpoint(run_dir)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
+    model = GPT(GPTConfig.from_dict({**state["model_config"], **overrides}))
     model.load_weights(_read_tensors(path / "model.safetensors"), source=str(path / "model.safetensors"))
     return model.to(device).eval()
 
@@ -366,31 +431,48 @@ def _forward(model: Any, batch: dict[str, Any], doc_mask: bool, reduction: str) 
 
 def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train from ``config.data`` into ``config.out``; ``resume`` continues the latest checkpoint
-    exactly. Returns a summary: steps, tokens, final train and val loss, run directory."""
+    exactly. Returns a summary: steps, tokens, final train and val loss, run directory.
+
+    Under ``torchrun`` every process calls it (``torchrun --nproc_per_node=N -m ferrolm pretrain``):
+    ``config.parallel`` picks DDP or FSDP2, each rank trains on its slice of every global batch."""
+    # Every check that needs no peer runs first: each rank sees the same config and environment, so
+    # each raises the same error, and none is left waiting in a collective for one that stopped.
+    config.validate()
+    _, world_size, _ = distributed.world_from_env()
+    grad_accum, global_batch = config.batch_layout(world_size)
+    device = resolve_device(config.device)
+    ctx = distributed.init(config.parallel, device, reduce_dtype=config.reduce_dtype)
+    try:
+        return _train(config, ctx, grad_accum, global_batch, resume)
+    finally:
+        ctx.close()
+
+
+def _train(
+    config: TrainConfig, ctx: distributed.Context, grad_accum: int, global_batch: int, resume: bool
+) -> dict[str, Any]:
+    """The loop of ``pretrain``, as one rank runs it (a single process is rank 0 of 1)."""
     from ferrolm.data import Manifest, PackedLoader
 
-    config.validate()
-    device = resolve_device(config.device)
+    device = ctx.device
     run_dir = Path(config.out)
     manifest = Manifest.load(config.data)
     tokenizer_sha = manifest.data["tokenizer"]["sha256"]
 
-    # --- where we start: a checkpoint, a Hugging Face model, or random weights --------------------
+    # --- where we start: a checkpoint, another run or a Hugging Face model, or random weights ------
+    # Rank 0 reads the run directory; every rank gets its state.json (so all agree on the step) or
+    # its error.
     start_state: dict[str, Any] | None = None
     if resume:
-        ckpt_path, start_state = load_checkpoint(run_dir)
-        _check_resume_compatible(config, start_state, tokenizer_sha, ckpt_path)
+        start_state = ctx.on_main(_resume_state, config, tokenizer_sha, global_batch, share=True)
         model_config = GPTConfig.from_dict(start_state["model_config"])
     else:
-        if (run_dir / "checkpoints" / "latest").exists():
-            raise FerrolmError(
-                f"{run_dir} already holds a run: pass --resume to continue it, or another --out"
-            )
+        ctx.on_main(_check_new_run, run_dir)
         model_config = None
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     random.seed(config.seed)
     if model_config is None and config.init_from:
-        model = GPT.from_pretrained(config.init_from, **config.model)
+        model = ctx.agreed(_pretrained_model, config.init_from, config.model)
         model_config = model.config
     else:
         model_config = model_config or _model_config(config, manifest.vocab_size)
@@ -403,23 +485,26 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     seq_len = config.seq_len or model_config.block_size
     if seq_len > model_config.block_size:
         raise FerrolmError(f"seq_len {seq_len} exceeds the model's context {model_config.block_size}")
-    tokens_per_step = config.batch_size * seq_len * config.grad_accum
+    tokens_per_step = global_batch * seq_len  # the whole job's, every rank's rows
     max_steps = config.max_steps or (
         math.ceil(config.max_tokens / tokens_per_step) if config.max_tokens else 1000
     )
+    ctx.on_main(_prepare_run_dir, run_dir, manifest)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok_copy = run_dir / "tokenizer.json"
-    if not tok_copy.exists():
-        shutil.copyfile(manifest.directory / manifest.data["tokenizer"]["file"], tok_copy)
-
+    if start_state is not None:  # rank 0 reads the weights; broadcast_module gives them to every rank
+        ckpt_path = Path(start_state["path"])
+        ctx.on_main(_load_weights, model, ckpt_path / "model.safetensors")
     model.to(device)
+    ctx.broadcast_module(model)
+    flops_per_token = model.flops_per_token(seq_len)
+    wrapped = ctx.wrap(model)  # DDP, FSDP2 (model sharded in place) or the model itself
     optimizer = torch.optim.AdamW(
         model.optimizer_groups(config.weight_decay),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
-        fused=device.type == "cuda",  # one kernel for all parameters on CUDA
+        # One kernel for all parameters on CUDA; FSDP's sharded (DTensor) parameters use foreach.
+        fused=device.type == "cuda" and ctx.parallel != "fsdp",
     )
     loader = PackedLoader(
         config.data,
@@ -428,44 +513,61 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         split="train",
         packing=config.packing,
         seed=config.seed,
+        rank=ctx.rank,  # a global step takes world_size * batch_size rows of one stream; this
+        world_size=ctx.world_size,  # rank's are its slice, whatever the number of ranks
         mask_boundary_labels=config.doc_mask,  # no target across a boundary the model cannot see
     )
+    # Dropout and masking draw from a stream per rank (rank 0's is the single-process one).
+    if ctx.rank > 0:
+        torch.manual_seed(_rank_seed(config.seed, ctx.rank))
+        random.seed(_rank_seed(config.seed, ctx.rank))
     mlm_generator = None
     special_ids: tuple[int, ...] = ()
     if config.objective == "mlm":
-        mlm_generator = torch.Generator(device=device).manual_seed(config.seed)
+        mlm_generator = torch.Generator(device=device).manual_seed(_rank_seed(config.seed, ctx.rank))
         special_ids = tuple(i for i in (loader.pad_id, manifest.eos_id, manifest.bos_id) if i is not None)
 
     step, tokens = 0, 0
     metrics_path = run_dir / "metrics.jsonl"
     if start_state is not None:
-        model.load_weights(_read_tensors(ckpt_path / "model.safetensors"), source=str(ckpt_path))
-        _load_optimizer(
-            optimizer, _read_tensors(ckpt_path / "optimizer.safetensors"), start_state["optimizer"]
-        )
-        loader.load_state_dict(start_state["loader"])
-        _set_rng_state(start_state["rng"], mlm_generator)
+        optimizer_state = ctx.on_main(_read_optimizer, ckpt_path, start_state["optimizer"])
+        ctx.load_optimizer_state(model, optimizer, optimizer_state or {})
+        loader.load_state_dict(start_state["loader"])  # the global stream: any world size continues it
+        _restore_rng(start_state, ctx.rank, mlm_generator, config.seed)
         step, tokens = start_state["step"], start_state["tokens"]
-        _truncate_metrics(metrics_path, step)  # records written after the checkpoint are redone
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    ctx.on_main(_start_metrics, metrics_path, step if start_state is not None else None)
 
-    train_model = torch.compile(model) if config.compile else model
+    train_model = torch.compile(wrapped) if config.compile else wrapped
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    flops_per_token = model.flops_per_token(seq_len)
     peak = _peak_flops(device)
-    progress = _Progress(config.progress, max_steps, step)
+    progress = _Progress(config.progress and ctx.is_main, max_steps, step)
+
+    def mask(batch: dict[str, Any], generator: torch.Generator) -> None:
+        """mlm: mask_prob of the tokens become the targets, corrupted as BERT does (80/10/10)."""
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            batch["input_ids"], model_config, generator, mask_prob=config.mask_prob, special_ids=special_ids
+        )
+
+    def next_window() -> list[dict[str, Any]]:
+        """This rank's micro-batches of the next optimizer step, on the device, masked for mlm."""
+        micro = [_to_device(next(loader), device) for _ in range(grad_accum)]
+        if mlm_generator is not None:
+            for batch in micro:
+                mask(batch, mlm_generator)
+        return micro
 
     def evaluate() -> dict[str, float] | None:
         if "val" not in manifest.data["splits"] or manifest.tokens("val") == 0:
             return None
-        val_loader = PackedLoader(
+        val_loader = PackedLoader(  # eval_batches steps of world_size * batch_size rows: each rank its slice
             config.data,
             batch_size=config.batch_size,
             seq_len=seq_len,
             split="val",
             packing=config.packing,
             seed=config.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
             mask_boundary_labels=config.doc_mask,
         )
         generator = torch.Generator(device=device).manual_seed(config.seed + 1)  # the same masks each time
@@ -475,29 +577,32 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             for _ in range(config.eval_batches):
                 batch = _to_device(next(val_loader), device)
                 if mlm_generator is not None:
-                    batch["input_ids"], batch["labels"] = mask_tokens(
-                        batch["input_ids"],
-                        model_config,
-                        generator,
-                        mask_prob=config.mask_prob,
-                        special_ids=special_ids,
-                    )
+                    mask(batch, generator)
                 total += float(_forward(train_model, batch, config.doc_mask, "sum"))
                 count += int((batch["labels"] != IGNORE_INDEX).sum())
         val_loader.close()
         model.train()
-        val_loss = total / max(count, 1)
+        sums = ctx.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device))
+        val_loss = float(sums[0]) / max(float(sums[1]), 1.0)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def record(entry: dict[str, Any]) -> None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        if ctx.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
 
-    def checkpoint() -> Path:
+    def checkpoint() -> None:
+        model_sd, optimizer_sd = ctx.full_state(model, optimizer)  # on rank 0 (FSDP: all-gathered)
+        rng = ctx.gather_json(_rng_state(mlm_generator))  # every rank's random streams
         meta = {
             "tokens": tokens,
             "model_config": model_config.to_dict(),
-            "train_config": dataclasses.asdict(config),
+            # The global batch, not grad_accum: that depends on the number of ranks of the next run.
+            "train_config": {
+                **dataclasses.asdict(config),
+                "global_batch_size": global_batch,
+                "grad_accum": None,
+            },
             "scheduler": {
                 "kind": "warmup_cosine",
                 "lr": lr_at(step, config, max_steps),
@@ -505,11 +610,17 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 "warmup": config.warmup,
                 "min_lr_ratio": config.min_lr_ratio,
             },
-            "loader": loader.state_dict(),
-            "rng": _rng_state(mlm_generator),
+            "loader": loader.state_dict(),  # a position in the global stream (the same on every rank)
+            "rng": rng[0],
+            **({"rng_by_rank": rng} if len(rng) > 1 else {}),
             "tokenizer_sha256": tokenizer_sha,
+            "world_size": ctx.world_size,
+            "parallel": ctx.parallel,
         }
-        return save_checkpoint(run_dir, step, model, optimizer, meta, config.keep_checkpoints)
+        weights = {
+            k: v for k, v in model_sd.items() if not (k == "lm_head.weight" and model_config.tie_embeddings)
+        }
+        ctx.on_main(write_checkpoint, run_dir, step, weights, optimizer_sd, meta, config.keep_checkpoints)
 
     if start_state is None and (result := evaluate()) is not None:
         record({"kind": "val", "step": 0, "tokens": 0, **result})
@@ -522,34 +633,33 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         lr = lr_at(step, config, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Fetch the whole accumulation window first: the loss is normalised by ITS target count.
-        micro = [_to_device(next(loader), device) for _ in range(config.grad_accum)]
-        if mlm_generator is not None:
-            for batch in micro:
-                batch["input_ids"], batch["labels"] = mask_tokens(
-                    batch["input_ids"],
-                    model_config,
-                    mlm_generator,
-                    mask_prob=config.mask_prob,
-                    special_ids=special_ids,
-                )
-        n_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        # Fetch the whole accumulation window first: the loss is normalised by ITS target count, over
+        # every rank. A loader error on one rank raises on every rank (agreed), not a hang.
+        micro = ctx.agreed(next_window)
+        local_targets = torch.stack([(b["labels"] != IGNORE_INDEX).sum() for b in micro]).sum()
+        n_targets = int(ctx.all_reduce(local_targets))  # the job's targets in this step
         loss_sum = torch.zeros((), device=device)
-        for batch in micro:
-            with autocast:
-                loss = _forward(train_model, batch, config.doc_mask, "sum")  # summed over this micro-batch
-            (loss / max(n_targets, 1)).backward()
+        for i, batch in enumerate(micro):
+            # Gradients are reduced over ranks once, after the last micro-step (no_sync before it).
+            with ctx.grad_sync(wrapped, sync=i == len(micro) - 1):
+                with autocast:
+                    loss = _forward(
+                        train_model, batch, config.doc_mask, "sum"
+                    )  # summed over this micro-batch
+                # DDP and FSDP average gradients over ranks; x world_size makes that average a sum, so
+                # the gradient is the global batch's summed loss over its target count.
+                (loss * ctx.world_size / max(n_targets, 1)).backward()
             loss_sum += loss.detach()
-        train_loss = float(loss_sum) / max(n_targets, 1)
+        # The job's mean loss: the same number on every rank, so all agree on the check below.
+        train_loss = float(ctx.all_reduce(loss_sum)) / max(n_targets, 1)
         if not math.isfinite(train_loss):
             raise FerrolmError(
                 f"the training loss is {train_loss} at step {step + 1} (lr {lr:.3g}); the weights were not "
                 f"updated, the last good checkpoint is in {run_dir / 'checkpoints'}: lower --lr or "
                 "--grad-clip and --resume"
             )
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        )
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -558,8 +668,8 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         step += 1
         tokens += tokens_per_step
         last_train_loss = train_loss
-        tokens_per_s = tokens_per_step / max(elapsed, 1e-9)
-        entry = {
+        tokens_per_s = tokens_per_step / max(elapsed, 1e-9)  # the whole job
+        entry: dict[str, Any] = {
             "kind": "train",
             "step": step,
             "tokens": tokens,
@@ -567,12 +677,13 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
         }
-        if peak:
-            entry["mfu"] = flops_per_token * tokens_per_s / peak
+        if peak:  # the job's FLOP/s over all its devices' peak: also each (identical) device's MFU
+            entry["mfu"] = flops_per_token * tokens_per_s / (peak * ctx.world_size)
         if step % config.log_interval == 0 or step == max_steps:
             record(entry)
-        progress.update(step, train_loss, lr, tokens_per_s)
+        progress.update(step, train_loss, lr, tokens_per_s, world_size=ctx.world_size, mfu=entry.get("mfu"))
         if step % config.eval_interval == 0 or step == max_steps:
             if (last_val := evaluate()) is not None:
                 record({"kind": "val", "step": step, "tokens": tokens, **last_val})
@@ -583,21 +694,90 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             checkpoint()
     progress.close()
     loader.close()
-    try:
-        plot_metrics(run_dir)
-    except ImportError:  # matplotlib is optional: the metrics are in metrics.jsonl either way
-        progress.note("loss.png not written: matplotlib is not installed (pip install matplotlib)")
+    if ctx.is_main:
+        try:
+            plot_metrics(run_dir)
+        except ImportError:  # matplotlib is optional: the metrics are in metrics.jsonl either way
+            progress.note("loss.png not written: matplotlib is not installed (pip install matplotlib)")
     return {
         "run_dir": str(run_dir),
         "steps": step,
         "tokens": tokens,
         "train_loss": last_train_loss,
         "val_loss": last_val["val_loss"] if last_val else None,
+        "world_size": ctx.world_size,
     }
 
 
+# Rank 0's jobs at start-up (each called through ctx.on_main: its error stops every rank).
+
+
+def _resume_state(config: TrainConfig, tokenizer_sha: str, global_batch: int) -> dict[str, Any]:
+    """The latest checkpoint's state.json (plus its ``path``), checked against the config."""
+    path, state = load_checkpoint(config.out)
+    _check_resume_compatible(config, state, tokenizer_sha, path, global_batch)
+    return {**state, "path": str(path)}
+
+
+def _check_new_run(run_dir: Path) -> None:
+    if (run_dir / "checkpoints" / "latest").exists():
+        raise FerrolmError(f"{run_dir} already holds a run: pass --resume to continue it, or another --out")
+
+
+def _prepare_run_dir(run_dir: Path, manifest: Any) -> None:
+    """The run directory, with a copy of the shards' tokenizer (for export and generate)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok_copy = run_dir / "tokenizer.json"
+    if not tok_copy.exists():
+        tmp = tok_copy.with_name(f".{tok_copy.name}.tmp")
+        shutil.copyfile(manifest.directory / manifest.data["tokenizer"]["file"], tmp)
+        os.replace(tmp, tok_copy)
+
+
+def _start_metrics(path: Path, step: int | None) -> None:
+    """A fresh metrics.jsonl, or (resuming at ``step``) the old one without what came after it."""
+    if step is not None:
+        _truncate_metrics(path, step)  # records written after the checkpoint are redone
+    elif path.exists():
+        path.unlink()
+
+
+def _pretrained_model(init_from: str, overrides: dict[str, Any]) -> GPT:
+    """``init_from``: a ferrolm run directory (its latest checkpoint) or a Hugging Face directory."""
+    if (Path(init_from) / "checkpoints" / "latest").is_file():
+        return load_model(init_from, **overrides).train()
+    return GPT.from_pretrained(init_from, **overrides)
+
+
+def _load_weights(model: GPT, path: Path) -> None:
+    model.load_weights(_read_tensors(path), source=str(path.parent))
+
+
+def _read_optimizer(ckpt_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    return _optimizer_state(_read_tensors(ckpt_path / "optimizer.safetensors"), meta)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed`` (a single process's stream); the others get distinct derived seeds."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % (1 << 63)
+
+
+def _restore_rng(state: dict[str, Any], rank: int, mlm_generator: torch.Generator | None, seed: int) -> None:
+    """Each rank continues its own random streams; ranks the checkpoint did not have (a resume on more
+    processes) start fresh ones derived from the seed and the step."""
+    states = state.get("rng_by_rank") or [state["rng"]]
+    if rank < len(states):
+        _set_rng_state(states[rank], mlm_generator)
+        return
+    derived = _rank_seed(seed + state["step"], rank)
+    torch.manual_seed(derived)
+    random.seed(derived)
+    if mlm_generator is not None:
+        mlm_generator.manual_seed(derived)
+
+
 def _check_resume_compatible(
-    config: TrainConfig, state: dict[str, Any], tokenizer_sha: str, path: Path
+    config: TrainConfig, state: dict[str, Any], tokenizer_sha: str, path: Path, global_batch: int
 ) -> None:
     if state["tokenizer_sha256"] != tokenizer_sha:
         raise FerrolmError(
@@ -605,22 +785,20 @@ def _check_resume_compatible(
             f"{tokenizer_sha[:12]}... vs {state['tokenizer_sha256'][:12]}...)"
         )
     saved = state["train_config"]
-    # What fixes the data stream and the model; everything else (max_steps, intervals...) may change.
-    for key in (
-        "preset",
-        "model",
-        "objective",
-        "batch_size",
-        "seq_len",
-        "grad_accum",
-        "packing",
-        "doc_mask",
-        "seed",
-    ):
+    # What fixes the data stream and the model; everything else (max_steps, intervals, the number of
+    # ranks and how the global batch splits into them...) may change.
+    for key in ("preset", "model", "objective", "seq_len", "packing", "doc_mask", "seed"):
         if saved[key] != getattr(config, key):
             raise FerrolmError(
                 f"--resume: {key} is {getattr(config, key)!r} but the checkpoint {path} was trained with {saved[key]!r}"
             )
+    saved_global = saved.get("global_batch_size") or saved["batch_size"] * saved["grad_accum"]
+    if saved_global != global_batch:
+        raise FerrolmError(
+            f"--resume: the global batch is {global_batch} rows (batch_size is {config.batch_size} per "
+            f"rank) but the checkpoint {path} was trained with {saved_global}: the data order continues "
+            f"only with the same global batch (--global-batch-size {saved_global})"
+        )
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -648,7 +826,17 @@ class _Progress:
         self.enabled, self.max_steps, self.start_step = enabled, max_steps, start_step
         self.started, self.last = time.perf_counter(), 0.0
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        tokens_per_s: float,
+        *,
+        world_size: int = 1,
+        mfu: float | None = None,
+    ) -> None:
+        """``tokens_per_s``: the whole job's; with several devices, each one's share follows."""
         now = time.perf_counter()
         if not self.enabled or (now - self.last < 0.25 and step != self.max_steps):
             return
@@ -658,9 +846,14 @@ class _Progress:
         width = 20
         filled = int(width * step / self.max_steps)
         bar = "#" * filled + "." * (width - filled)
+        speed = f"{tokens_per_s:,.0f} tok/s"
+        if world_size > 1:
+            speed += f" ({tokens_per_s / world_size:,.0f}/device x {world_size})"
+        if mfu is not None:
+            speed += f" | MFU {mfu:.1%}"
         sys.stderr.write(
             f"\r[{bar}] step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{tokens_per_s:,.0f} tok/s | ETA {int(eta // 60)}m{int(eta % 60):02d}s "
+            f"{speed} | ETA {int(eta // 60)}m{int(eta % 60):02d}s "
         )
         sys.stderr.flush()
 
