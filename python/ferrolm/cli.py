@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-EPILOG_DEMO = """example:
-  ferrolm demo                      # train a tokenizer on Python's standard library and use it
-  ferrolm demo --corpus my_texts/   # the same on your own .txt / .jsonl / .jsonl.zst files
+EPILOG_DEMO = """examples:
+  ferrolm demo                      # tokenizer -> shards -> pretrain -> generate -> fine-tune -> evaluate
+  ferrolm demo --steps 1000 --device cuda     # longer pretraining on a GPU
+  ferrolm demo --corpus my_texts/   # your own .txt / .py / .md / .jsonl files; its top-level
+                                    # directories become the labels of the classification stage
 """
 
 EPILOG_TOKENIZER = """examples:
@@ -30,7 +32,16 @@ EPILOG_TOKENIZER = """examples:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ferrolm.demo import run_demo
 
-    run_demo(out=Path(args.out), corpus=args.corpus, vocab_size=args.vocab_size, max_mb=args.max_mb)
+    run_demo(
+        out=Path(args.out),
+        corpus=args.corpus,
+        vocab_size=args.vocab_size,
+        max_mb=args.max_mb,
+        pretrain_steps=args.steps,
+        finetune_epochs=args.epochs,
+        device=args.device,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -166,6 +177,8 @@ EPILOG_PRETRAIN = """examples:
       --grad-accum 32 --device cuda --compile --packing best_fit --doc-mask
   ferrolm pretrain --config run.toml                 # the same options as TOML (CLI flags win)
   ferrolm pretrain --out runs/tiny --resume          # continue the latest checkpoint exactly
+  torchrun --nproc_per_node=8 -m ferrolm pretrain --data shards/ --out runs/gpt2 --preset gpt2-small \
+      --batch-size 16 --global-batch-size 512 --parallel ddp     # or fsdp; see docs/distributed.md
 """
 
 # CLI flag -> TrainConfig field, for the flags that override a --config file or a resumed run.
@@ -179,6 +192,9 @@ PRETRAIN_FIELDS = (
     "batch_size",
     "seq_len",
     "grad_accum",
+    "global_batch_size",
+    "parallel",
+    "reduce_dtype",
     "lr",
     "warmup",
     "weight_decay",
@@ -206,7 +222,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         if not out:
             raise ValueError("--resume needs --out RUN (or out in --config)")
-        _, state = load_checkpoint(out)
+        _, state = load_checkpoint(out, verify=False)  # the configuration; pretrain checks the files
         values = {**state["train_config"], **{k: v for k, v in values.items() if k != "model"}}
     for name in PRETRAIN_FIELDS:
         value = getattr(args, name)
@@ -222,6 +238,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         values["progress"] = False
     config = TrainConfig.from_dict(values, source=args.config or "pretrain options")
     summary = pretrain(config, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
+        return 0
     val = summary["val_loss"]
     print(
         f"trained {summary['steps']} steps, {summary['tokens']:,} tokens: train loss "
@@ -285,7 +303,26 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     pretrain.add_argument("--max-tokens", help="training tokens instead of --max-steps (e.g. 10e9)")
     pretrain.add_argument("--batch-size", type=int, help="rows per micro-step (default 8)")
     pretrain.add_argument("--seq-len", type=int, help="tokens per row (default: the model's context)")
-    pretrain.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    pretrain.add_argument(
+        "--grad-accum",
+        type=int,
+        help="micro-steps per optimizer step (default: from --global-batch-size, or 1)",
+    )
+    pretrain.add_argument(
+        "--global-batch-size",
+        type=int,
+        help="rows per optimizer step over all processes (= processes x grad accum x batch size)",
+    )
+    pretrain.add_argument(
+        "--parallel",
+        choices=["auto", "none", "ddp", "fsdp"],
+        help="under torchrun: ddp (replicas) or fsdp (sharded); default auto = ddp with several processes",
+    )
+    pretrain.add_argument(
+        "--reduce-dtype",
+        choices=["float32", "bfloat16"],
+        help="fsdp on CUDA: dtype of the gradient reduce-scatter (default float32)",
+    )
     pretrain.add_argument("--lr", type=float, help="peak learning rate (default 6e-4)")
     pretrain.add_argument("--warmup", type=int, help="warmup steps (default 100)")
     pretrain.add_argument("--weight-decay", type=float, help="default 0.1")
@@ -301,7 +338,10 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     pretrain.add_argument("--eval-batches", type=int, help="val batches per evaluation (default 10)")
     pretrain.add_argument("--checkpoint-interval", type=int, help="checkpoint every N steps (default 500)")
     pretrain.add_argument("--seed", type=int, help="default 0")
-    pretrain.add_argument("--init-from", help="start from a Hugging Face directory (e.g. GPT-2 files)")
+    pretrain.add_argument(
+        "--init-from",
+        help="start from a ferrolm run directory (its latest checkpoint's weights) or a Hugging Face directory",
+    )
     pretrain.add_argument("--config", help="run.toml: TrainConfig keys, [model] table for GPTConfig")
     pretrain.add_argument("--resume", action="store_true", help="continue RUN's latest checkpoint exactly")
     pretrain.add_argument("--quiet", action="store_true", help="no progress line")
@@ -309,13 +349,14 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
 
     export = commands.add_parser(
         "export",
-        help="write a run's latest checkpoint as a Hugging Face model directory",
+        help="write a run's latest checkpoint (or a fine-tuned classifier) as a Hugging Face directory",
         description="Write config.json, model.safetensors and the tokenizer files that "
-        "transformers' GPT2LMHeadModel / LlamaForCausalLM (and AutoTokenizer) load.",
+        "transformers' GPT2LMHeadModel / LlamaForCausalLM (and AutoTokenizer) load; a 'ferrolm "
+        "finetune' output becomes a GPT2ForSequenceClassification / LlamaForSequenceClassification.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  ferrolm export runs/tiny --out hf/tiny",
     )
-    export.add_argument("run", help="run directory")
+    export.add_argument("run", help="run directory or fine-tuned classifier directory")
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(func=_cmd_export)
 
@@ -349,6 +390,153 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     plot.set_defaults(func=_cmd_plot)
 
 
+EPILOG_FINETUNE = """examples:
+  ferrolm finetune --model runs/tiny --train train.csv --eval dev.csv --out runs/sentiment
+  ferrolm finetune --model hf/gpt2 --train train.tsv --eval dev.tsv --text-column sentence \\
+      --label-column label --out runs/sst2 --epochs 3 --lr 2e-5 --batch-size 32 --device cuda
+"""
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ferrolm.finetune import FinetuneConfig, finetune
+
+    options = {k: v for k, v in vars(args).items() if k in FINETUNE_FIELDS and v is not None}
+    summary = finetune(FinetuneConfig(progress=not args.quiet, **options))
+    print(
+        f"best epoch {summary['best_epoch']}/{summary['epochs']}: eval accuracy {summary['accuracy']:.4f}, "
+        f"macro-F1 {summary['macro_f1']:.4f}, loss {summary['eval_loss']:.4f} -> {summary['run_dir']}"
+    )
+    return 0
+
+
+FINETUNE_FIELDS = (
+    "model",
+    "train",
+    "eval",
+    "out",
+    "text_column",
+    "label_column",
+    "epochs",
+    "lr",
+    "batch_size",
+    "max_length",
+    "warmup_ratio",
+    "weight_decay",
+    "dropout",
+    "device",
+    "seed",
+)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ferrolm.finetune import evaluate
+
+    result = evaluate(
+        args.run,
+        args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    correct = sum(result["confusion"][k][k] for k in range(len(result["labels"])))
+    print(f"examples  {result['n']}")
+    print(f"accuracy  {result['accuracy']:.4f}  ({correct}/{result['n']})")
+    print(f"macro-F1  {result['macro_f1']:.4f}")
+    print(f"loss      {result['loss']:.4f}")
+    print("confusion matrix (rows: true label, columns: predicted label)")
+    names = [str(label) for label in result["labels"]]
+    width = max(len(name) for name in [*names, *(str(c) for row in result["confusion"] for c in row)])
+    print(" " * width + "  " + "  ".join(name.rjust(width) for name in names))
+    for name, row in zip(names, result["confusion"], strict=True):
+        print(name.rjust(width) + "  " + "  ".join(str(c).rjust(width) for c in row))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ferrolm.finetune import Classifier
+
+    texts = list(args.text or [])
+    if args.file:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise ValueError("predict: give --text TEXT (repeatable) or --file FILE (one text per line)")
+    for label, probability in Classifier.load(args.run, args.device).predict(texts):
+        print(f"{label}\t{probability:.4f}")
+    return 0
+
+
+def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
+    """finetune, evaluate, predict: sequence classification on top of a pretrained model."""
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model to classify texts (CSV, TSV or JSON lines)",
+        description="Sequence classification on top of a ferrolm run or a Hugging Face GPT-2/Llama "
+        "directory: a linear head on each text's last token, AdamW, warmup + linear decay, evaluation "
+        "after every epoch; the epoch with the best eval accuracy is kept in OUT (classifier.json, "
+        "safetensors weights, tokenizer.json, metrics.jsonl). Labels may be strings or integers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_FINETUNE,
+    )
+    finetune.add_argument("--model", required=True, help="ferrolm run directory or Hugging Face directory")
+    finetune.add_argument("--train", required=True, help="labelled training data: .csv, .tsv or .jsonl")
+    finetune.add_argument("--eval", required=True, help="labelled data scored after every epoch")
+    finetune.add_argument("--out", required=True, help="output directory")
+    finetune.add_argument("--text-column", help="column or JSON key of the text (default sentence)")
+    finetune.add_argument("--label-column", help="column or JSON key of the label (default label)")
+    finetune.add_argument("--epochs", type=int, help="passes over the training set (default 3)")
+    finetune.add_argument("--lr", type=float, help="peak learning rate (default 1e-5)")
+    finetune.add_argument("--batch-size", type=int, help="examples per step (default 32)")
+    finetune.add_argument(
+        "--max-length", type=int, help="tokens kept per text (default: the model's context)"
+    )
+    finetune.add_argument("--warmup-ratio", type=float, help="fraction of steps warming up (default 0.06)")
+    finetune.add_argument("--weight-decay", type=float, help="default 0.01")
+    finetune.add_argument("--dropout", type=float, help="default 0.1")
+    finetune.add_argument("--device", help="cpu | cuda | auto (default auto)")
+    finetune.add_argument("--seed", type=int, help="default 0")
+    finetune.add_argument("--quiet", action="store_true", help="no progress line")
+    finetune.set_defaults(func=_cmd_finetune)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy, macro-F1 and confusion matrix of a fine-tuned classifier on labelled data",
+        description="Score a 'ferrolm finetune' output on a labelled .csv/.tsv/.jsonl file: accuracy, "
+        "macro-F1, mean cross-entropy and the confusion matrix (--json: one JSON object with keys "
+        "accuracy, macro_f1, confusion, labels, loss, n).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ferrolm evaluate runs/sst2 --data test.tsv\n"
+        "  ferrolm evaluate runs/sst2 --data test.jsonl --text-column text --json",
+    )
+    evaluate.add_argument("run", help="fine-tuned classifier directory (ferrolm finetune --out)")
+    evaluate.add_argument("--data", required=True, help="labelled .csv, .tsv or .jsonl file")
+    evaluate.add_argument("--text-column", help="default: the column the classifier was trained with")
+    evaluate.add_argument("--label-column", help="default: the column the classifier was trained with")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="default 64")
+    evaluate.add_argument("--device", default="cpu", help="default cpu")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify texts with a fine-tuned classifier: label and probability",
+        description="Print the likeliest label of each text and its probability, one tab-separated "
+        "line per text, in order.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='examples:\n  ferrolm predict runs/sst2 --text "a gripping film" --text "dull and long"\n'
+        "  ferrolm predict runs/sst2 --file reviews.txt      # one text per line",
+    )
+    predict.add_argument("run", help="fine-tuned classifier directory (ferrolm finetune --out)")
+    predict.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    predict.add_argument("--file", help="a UTF-8 file with one text per line")
+    predict.add_argument("--device", default="cpu", help="default cpu")
+    predict.set_defaults(func=_cmd_predict)
+
+
 def build_shard_merge_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferrolm shard merge",
@@ -376,9 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the main job end to end on an embedded corpus (Python's standard library)",
-        description="Train a byte-level BPE tokenizer on a corpus every Python installation carries "
-        "(its standard library), save it in Hugging Face and tiktoken formats, reload it, encode the "
-        "corpus on all cores and report compression, speed and a round-trip check.",
+        description="The whole pipeline on a corpus every Python installation carries (its standard "
+        "library), no download, minutes on a laptop CPU: train a byte-level BPE tokenizer, shard the "
+        "corpus, pretrain a small GPT (falling validation loss, loss.png), generate a sample, fine-tune "
+        "a classifier (which package does a snippet of code come from?), evaluate it on held-out files "
+        "and print a summary. Each stage is the code path of the matching command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_DEMO,
     )
@@ -386,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--corpus", default=None, help="a file or directory to use instead of the stdlib")
     demo.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default: 4096)")
     demo.add_argument("--max-mb", type=float, default=8.0, help="corpus size cap in MB (default: 8)")
+    demo.add_argument("--steps", type=int, default=300, help="pretraining steps (default: 300)")
+    demo.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default: 3)")
+    demo.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     demo.set_defaults(func=_cmd_demo)
 
     shard = commands.add_parser(
@@ -504,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_cmd_tokenizer_convert)
 
     add_model_commands(commands)
+    add_finetune_commands(commands)
     return parser
 
 
@@ -529,8 +724,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"ferrolm: error: {message}", file=sys.stderr)
+        print(f"ferrolm: error{_rank_label()}: {message}", file=sys.stderr)
         return 1
+    except Exception as error:  # under torchrun: one line per rank, not N interleaved tracebacks
+        if args.debug or not _rank_label():
+            raise
+        print(
+            f"ferrolm: error{_rank_label()}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]} "
+            "(--debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _rank_label() -> str:
+    """' (rank R/W)' in a process torchrun started with several ranks, '' otherwise."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f" (rank {rank}/{world})" if world.isdigit() and int(world) > 1 else ""
 
 
 if __name__ == "__main__":
