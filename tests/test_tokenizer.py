@@ -180,7 +180,9 @@ def test_gpt2_exports_load_in_tiktoken_and_hf(gpt2, gpt2_tiktoken, tmp_path):
 
 def test_trained_tokenizer_json_keeps_special_ids_in_hf(tmp_path):
     corpus = ["special tokens come first in a trained vocabulary", "and keep their ids"] * 20
-    ours = Tokenizer.train(iter(corpus), 300, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False)
+    ours = Tokenizer.train(
+        iter(corpus), 300, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False
+    )
     ours.save(tmp_path / "tokenizer.json")
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert hf.get_vocab_size() == ours.vocab_size
