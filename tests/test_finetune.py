@@ -343,9 +343,12 @@ def test_export_matches_transformers_sequence_classification(task, classifier, p
         ours = clf.model(idx, lengths)  # (3, 2)
         assert (ours - hf(idx).logits).abs().max().item() < 1e-4
         assert (ours - hf(idx, attention_mask=mask).logits).abs().max().item() < 1e-4
-    # AutoTokenizer pads with the same token. (Its id: ferrolm's tokenizer.json keeps special tokens out
-    # of model.vocab, and Hugging Face tokenizers then renumbers them; a tokenizer-format matter.)
-    assert transformers.AutoTokenizer.from_pretrained(hf_dir).pad_token == "<|endoftext|>"
+    # AutoTokenizer pads with the same token and id, so an HF user's padded batch gives the same logits.
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert hf_tokenizer.pad_token == "<|endoftext|>"
+    assert hf_tokenizer.pad_token_id == hf.config.pad_token_id
+    encoded = hf_tokenizer(texts, padding=True, return_tensors="pt")
+    assert encoded["input_ids"].tolist() == idx.tolist()
 
 
 def test_reading_errors_name_the_file_line_and_column(task, tmp_path) -> None:  # type: ignore[no-untyped-def]
