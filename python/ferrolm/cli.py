@@ -382,6 +382,8 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     plot = commands.add_parser(
         "plot",
         help="plot a run's training and validation loss to a PNG",
+        description="Plot a run's training and validation loss (from its metrics.jsonl) against the step, "
+        "as a PNG.",
         epilog="example:\n  ferrolm plot runs/tiny            # writes runs/tiny/loss.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -556,7 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ferrolm",
         description="Rust-accelerated language-model training: tokenizer, data, trainer.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="run 'ferrolm COMMAND --help' for a command's options and an example",
+        epilog="""examples (the whole workflow; `ferrolm demo` runs it on Python's standard library):
+  ferrolm tokenizer train corpus/ --vocab-size 32768 --out tokenizer.json
+  ferrolm shard corpus/ --tokenizer tokenizer.json --out shards/
+  ferrolm pretrain --data shards/ --out runs/small --preset small --max-steps 2000
+  ferrolm generate runs/small --prompt "def "
+  ferrolm finetune --model runs/small --train train.csv --eval dev.csv --out runs/clf
+  ferrolm evaluate runs/clf --data test.csv
+  torchrun --nproc_per_node=8 -m ferrolm pretrain ... --parallel ddp
+
+run 'ferrolm COMMAND --help' for a command's options and an example""",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -653,48 +664,53 @@ def build_parser() -> argparse.ArgumentParser:
     encode = tok_commands.add_parser(
         "encode",
         help="print the token ids of a text",
+        description="Encode a text (or a file) and print its token ids, space-separated.",
         epilog='example:\n  ferrolm tokenizer encode --tokenizer gpt2/ --text "hello world"',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    encode.add_argument("--tokenizer", required=True)
-    encode.add_argument("--pattern", default=None)
+    encode.add_argument("--tokenizer", required=True, help="tokenizer.json, a GPT-2 directory, ...")
+    encode.add_argument("--pattern", default=None, help="gpt2 | cl100k | o200k | a regex (tiktoken files)")
     source = encode.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text")
-    source.add_argument("--file")
+    source.add_argument("--text", help="the text to encode")
+    source.add_argument("--file", help="a UTF-8 file to encode")
     encode.add_argument("--allow-special", action="store_true", help="encode special tokens in the text")
     encode.set_defaults(func=_cmd_tokenizer_encode)
 
     decode = tok_commands.add_parser(
         "decode",
         help="print the text of token ids",
+        description="Decode token ids back to text.",
         epilog="example:\n  ferrolm tokenizer decode --tokenizer gpt2/ 31373 995",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    decode.add_argument("--tokenizer", required=True)
-    decode.add_argument("--pattern", default=None)
-    decode.add_argument("ids", nargs="+")
+    decode.add_argument("--tokenizer", required=True, help="tokenizer.json, a GPT-2 directory, ...")
+    decode.add_argument("--pattern", default=None, help="gpt2 | cl100k | o200k | a regex (tiktoken files)")
+    decode.add_argument("ids", nargs="+", help="token ids")
     decode.set_defaults(func=_cmd_tokenizer_decode)
 
     info = tok_commands.add_parser(
         "info",
         help="vocabulary size, special tokens and pattern",
+        description="Print a tokenizer's vocabulary size, special tokens and pre-tokenization pattern.",
         epilog="example:\n  ferrolm tokenizer info tokenizer.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    info.add_argument("path")
-    info.add_argument("--pattern", default=None)
+    info.add_argument("path", help="a tokenizer file or directory")
+    info.add_argument("--pattern", default=None, help="gpt2 | cl100k | o200k | a regex (tiktoken files)")
     info.set_defaults(func=_cmd_tokenizer_info)
 
     convert = tok_commands.add_parser(
         "convert",
         help="convert between tokenizer.json, GPT-2 files and tiktoken rank files",
+        description="Read any tokenizer ferrolm reads (tokenizer.json, vocab.json + merges.txt, "
+        "encoder.json + vocab.bpe, a tiktoken file) and write it as tokenizer.json or a tiktoken file.",
         epilog="example:\n  ferrolm tokenizer convert gpt2/ --out gpt2.tiktoken --format tiktoken",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("path")
-    convert.add_argument("--out", required=True)
-    convert.add_argument("--format", choices=["json", "tiktoken"], default="json")
-    convert.add_argument("--pattern", default=None)
+    convert.add_argument("path", help="a tokenizer file or directory")
+    convert.add_argument("--out", required=True, help="output file (or directory for tokenizer.json)")
+    convert.add_argument("--format", choices=["json", "tiktoken"], default="json", help="default json")
+    convert.add_argument("--pattern", default=None, help="gpt2 | cl100k | o200k | a regex (tiktoken files)")
     convert.set_defaults(func=_cmd_tokenizer_convert)
 
     add_model_commands(commands)
