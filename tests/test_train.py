@@ -470,9 +470,16 @@ def _big_file(tmp_path: Path) -> Path:
     return path
 
 
+def _sigint_default() -> None:
+    # A shell that starts a job in the background (`cmd &`, as some CI runners do) leaves SIGINT
+    # ignored, which children inherit; Ctrl-C tests need Python's own handler back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_training_quickly(tmp_path):
     path = _big_file(tmp_path)
     timer = threading.Timer(0.5, _thread.interrupt_main)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.perf_counter()
     timer.start()
     try:
@@ -480,6 +487,7 @@ def test_ctrl_c_stops_training_quickly(tmp_path):
             Tokenizer.train([str(path)] * 1000, 200_000, show_progress=False)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - started < 5
 
 
@@ -526,6 +534,7 @@ def test_cli_trains_and_ctrl_c_leaves_nothing(tmp_path):
         [*cli, *[str(big)] * 1000, "--vocab-size", "200000", "--out", str(interrupted)],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_default,
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 60
