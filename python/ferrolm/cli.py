@@ -177,7 +177,7 @@ EPILOG_PRETRAIN = """examples:
       --grad-accum 32 --device cuda --compile --packing best_fit --doc-mask
   ferrolm pretrain --config run.toml                 # the same options as TOML (CLI flags win)
   ferrolm pretrain --out runs/tiny --resume          # continue the latest checkpoint exactly
-  torchrun --nproc_per_node=8 -m ferrolm pretrain --data shards/ --out runs/gpt2 --preset gpt2-small \
+  torchrun --nproc_per_node=8 -m ferrolm pretrain --data shards/ --out runs/gpt2 --preset gpt2-small \\
       --batch-size 16 --global-batch-size 512 --parallel ddp     # or fsdp; see docs/distributed.md
 """
 
@@ -396,6 +396,8 @@ EPILOG_FINETUNE = """examples:
   ferrolm finetune --model runs/tiny --train train.csv --eval dev.csv --out runs/sentiment
   ferrolm finetune --model hf/gpt2 --train train.tsv --eval dev.tsv --text-column sentence \\
       --label-column label --out runs/sst2 --epochs 3 --lr 2e-5 --batch-size 32 --device cuda
+  torchrun --nproc_per_node=8 -m ferrolm finetune --model hf/gpt2 --train train.csv --eval dev.csv \\
+      --out runs/sst2 --batch-size 64 --parallel ddp    # 64 examples per step in all; see docs/distributed.md
 """
 
 
@@ -404,6 +406,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k in FINETUNE_FIELDS and v is not None}
     summary = finetune(FinetuneConfig(progress=not args.quiet, **options))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
+        return 0
     print(
         f"best epoch {summary['best_epoch']}/{summary['epochs']}: eval accuracy {summary['accuracy']:.4f}, "
         f"macro-F1 {summary['macro_f1']:.4f}, loss {summary['eval_loss']:.4f} -> {summary['run_dir']}"
@@ -426,6 +430,7 @@ FINETUNE_FIELDS = (
     "weight_decay",
     "dropout",
     "device",
+    "parallel",
     "seed",
 )
 
@@ -492,7 +497,9 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
     finetune.add_argument("--label-column", help="column or JSON key of the label (default label)")
     finetune.add_argument("--epochs", type=int, help="passes over the training set (default 3)")
     finetune.add_argument("--lr", type=float, help="peak learning rate (default 1e-5)")
-    finetune.add_argument("--batch-size", type=int, help="examples per step (default 32)")
+    finetune.add_argument(
+        "--batch-size", type=int, help="examples per step, over all processes under torchrun (default 32)"
+    )
     finetune.add_argument(
         "--max-length", type=int, help="tokens kept per text (default: the model's context)"
     )
@@ -500,6 +507,11 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
     finetune.add_argument("--weight-decay", type=float, help="default 0.01")
     finetune.add_argument("--dropout", type=float, help="default 0.1")
     finetune.add_argument("--device", help="cpu | cuda | auto (default auto)")
+    finetune.add_argument(
+        "--parallel",
+        choices=["auto", "none", "ddp", "fsdp"],
+        help="under torchrun: ddp (replicas) or fsdp (sharded); default auto = ddp with several processes",
+    )
     finetune.add_argument("--seed", type=int, help="default 0")
     finetune.add_argument("--quiet", action="store_true", help="no progress line")
     finetune.set_defaults(func=_cmd_finetune)
@@ -740,17 +752,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"ferrolm: error{_rank_label()}: {message}", file=sys.stderr)
+        _error_line(f"ferrolm: error{_rank_label()}: {message}")
         return 1
     except Exception as error:  # under torchrun: one line per rank, not N interleaved tracebacks
         if args.debug or not _rank_label():
             raise
-        print(
+        _error_line(
             f"ferrolm: error{_rank_label()}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]} "
-            "(--debug for the traceback)",
-            file=sys.stderr,
+            "(--debug for the traceback)"
         )
         return 1
+
+
+def _error_line(text: str) -> None:
+    """``text`` and its newline in ONE write: torchrun starts its workers with ``python -u`` (unbuffered),
+    where print() writes them separately and the ranks' lines interleave on a shared stderr."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _rank_label() -> str:

@@ -328,14 +328,10 @@ class Context:
         with FSDP (the shards are all-gathered); free otherwise (every rank holds everything)."""
         if self.parallel != "fsdp":
             return (model.state_dict(), optimizer.state_dict()) if self.is_main else ({}, {})
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 only, on the CPU
-        model_sd: dict[str, Any] = get_model_state_dict(model, options=options)
+        model_sd = self.full_model_state(model)
         optim_sd: dict[str, Any] = get_optimizer_state_dict(model, optimizer, options=options)  # type: ignore[assignment]
         if not self.is_main:
             return {}, {}
@@ -347,6 +343,18 @@ class Context:
                 {**group, "params": [index[n] for n in group["params"]]} for group in optim_sd["param_groups"]
             ],
         }
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state dict as full tensors on rank 0 (on the CPU with FSDP), ``{}`` on the others:
+        the model half of ``full_state``, for a loop that keeps no optimizer state (fine-tuning's best
+        epoch). ``model`` is the unwrapped module. A collective with FSDP; free otherwise."""
+        if self.parallel != "fsdp":
+            return model.state_dict() if self.is_main else {}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 only, on the CPU
+        state: dict[str, Any] = get_model_state_dict(model, options=options)
+        return state if self.is_main else {}
 
     def load_optimizer_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]

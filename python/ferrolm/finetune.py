@@ -24,11 +24,20 @@ and ``Classifier``.
   mask of ``ferrolm.kernels``' varlen attention), so real tokens attend to real tokens only, and the
   head reads the last real token as well, which in an encoder has seen the whole text. Hugging Face has
   no causal-LM class for such a model, so these runs cannot be exported.
-- Distribution-ready (issue #9 wraps the loop in DDP): each epoch's example order is a seeded permutation
-  of the whole training set, the same on every rank; each global batch of ``batch_size`` examples is cut
-  into ``world_size`` contiguous slices and rank ``r`` takes slice ``r``; each rank's loss is its slice's
-  SUMMED cross-entropy divided by the GLOBAL batch size, so the losses and gradients of all ranks sum
-  to the global batch's mean (a DDP all-reduce that averages must be multiplied back by world_size).
+- Distributed (``torchrun --nproc_per_node=N -m ferrolm finetune``, ``ferrolm.distributed``, DDP or
+  FSDP2): ``batch_size`` is the GLOBAL batch. Each epoch's example order is a seeded permutation of the
+  whole training set, the same on every rank; each global batch is cut into ``world_size`` contiguous
+  slices (sizes differ by one at most) and rank ``r`` takes slice ``r``; each rank's loss is its slice's
+  SUMMED cross-entropy divided by the GLOBAL batch size, so the ranks' losses and gradients sum to the
+  global batch's mean, and x world_size undoes the average DDP and FSDP take: N ranks take the step one
+  process takes on the same examples, up to floating-point summation order. A rank whose slice is
+  empty (a last batch smaller than world_size) runs a one-token row whose loss is multiplied by 0, so
+  every rank reaches the same collectives and no example is skipped. Evaluation is split the same way
+  and the log-probabilities are summed over ranks (every row comes from one rank, the others add exact
+  zeros), so every rank scores the same numbers and takes the same best-epoch decision. Only rank 0
+  writes files; FSDP's shards are gathered on rank 0 into the single-process weights file. Dropout
+  draws from one stream per rank (rank 0's is the single-process one): with dropout > 0 the ranks
+  match one process in distribution, not bit for bit.
 - Files (convention 8): ``FT_RUN/classifier.json`` is written last, atomically, and names the weights
   file it goes with (with its sha256); a new best epoch writes new weights under a new name first, so a
   crash at any point leaves the previous best classifier complete. No pickle.
@@ -59,9 +68,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ferrolm import distributed
 from ferrolm._core import FerrolmError
 from ferrolm.model import GPT, GPTConfig
-from ferrolm.train import _Progress, _read_tensors, _sha256, atomic_write_text, resolve_device
+from ferrolm.train import _Progress, _rank_seed, _read_tensors, _sha256, atomic_write_text, resolve_device
 
 __all__ = [
     "Classifier",
@@ -108,6 +118,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     dropout: float = 0.1  # embeddings + residuals (GPT-2's value): small labelled sets overfit without
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    parallel: str = "auto"  # "ddp", "fsdp", "none", or "auto" (ddp when torchrun starts several ranks)
     seed: int = 0  # head init, dropout and the example order of each epoch
     progress: bool = True  # progress line on stderr
 
@@ -143,6 +154,10 @@ class FinetuneConfig:
             raise FerrolmError(f"finetune config: dropout must be in [0, 1), got {self.dropout!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise FerrolmError(f"finetune config: device must be cpu, cuda or auto, got {self.device!r}")
+        if self.parallel not in distributed.PARALLEL_MODES:
+            raise FerrolmError(
+                f"finetune config: parallel must be auto, none, ddp or fsdp, got {self.parallel!r}"
+            )
         return self
 
 
@@ -343,18 +358,27 @@ def _log_probs(
     pad_id: int,
     batch_size: int,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Log-probabilities (N, num_labels), float32 on the CPU, in eval mode. Texts are batched by length
-    (less padding); each text's result does not depend on its batch (see the module docstring)."""
+    (less padding); each text's result does not depend on its batch (see the module docstring).
+
+    With ``world_size`` > 1 each batch of ``batch_size`` texts is split as training splits a global
+    batch: this rank fills its rows and leaves the others 0, so the sum over ranks is the whole result.
+    Every rank runs one forward per batch, an empty slice a one-token row (FSDP all-gathers the
+    parameters in every forward: all ranks must run the same number)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.empty(len(sequences), model.score.out_features)  # (N, K)
+    out = torch.zeros(len(sequences), model.score.out_features)  # (N, K)
     with _autocast(device):
         for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            idx, lengths = pad_batch([sequences[i] for i in rows], pad_id, device)
-            out[rows] = F.log_softmax(model(idx, lengths).float(), dim=-1).cpu()  # (B, K)
+            rows = rank_slice(order[start : start + batch_size], rank, world_size)
+            idx, lengths = pad_batch([sequences[i] for i in rows] or [[pad_id]], pad_id, device)
+            log_probs = F.log_softmax(model(idx, lengths).float(), dim=-1).cpu()  # (B, K)
+            if rows:
+                out[rows] = log_probs
     model.train(was_training)
     return out
 
@@ -439,13 +463,35 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list
     return [s[:max_length] for s in ids], sum(len(s) > max_length for s in ids)
 
 
-def _save_best(out: Path, model: SequenceClassifier, meta: dict[str, Any]) -> None:
+def _full_weights(ctx: distributed.Context, model: SequenceClassifier) -> dict[str, torch.Tensor]:
+    """``model.weights()`` on rank 0 (``{}`` elsewhere), from the full state dict: FSDP's shards are
+    all-gathered (a collective: every rank calls it)."""
+    state = ctx.full_model_state(model)
+    tied = model.gpt.config.tie_embeddings  # the tied lm_head.weight is transformer.wte.weight: kept once
+    return {
+        name.removeprefix("gpt."): tensor.detach().contiguous()
+        for name, tensor in state.items()
+        if not (tied and name == "gpt.lm_head.weight")
+    }
+
+
+def _start_out(out: Path, tokenizer: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "tokenizer.json", tokenizer.to_json())
+
+
+def _check_new_out(out: Path) -> None:
+    if (out / CLASSIFIER_FILE).exists():
+        raise FerrolmError(f"{out} already holds a fine-tuned classifier: choose another --out")
+
+
+def _save_best(out: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Weights under a new name, then classifier.json naming them (atomically), then the old weights go."""
     from safetensors.torch import save_file
 
     name = f"model-epoch-{meta['epoch']:03d}.safetensors"
     tmp = out / f".{name}.tmp"
-    save_file({k: v.cpu() for k, v in model.weights().items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.cpu() for k, v in weights.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, out / name)
@@ -474,7 +520,7 @@ def rank_slice(rows: Sequence[int], rank: int, world_size: int) -> Sequence[int]
 
 
 def rank_loss(
-    model: SequenceClassifier,
+    model: nn.Module,  # a SequenceClassifier, or its DDP / FSDP wrapper
     sequences: Sequence[Sequence[int]],
     label_ids: Sequence[int],
     global_batch: int,
@@ -482,7 +528,7 @@ def rank_loss(
 ) -> tuple[torch.Tensor, int]:
     """(loss, real tokens) of one rank's rows: their SUMMED cross-entropy divided by the number of rows in
     the GLOBAL batch, so that the losses (and gradients) of all ranks add up to the global batch's mean."""
-    device = next(model.parameters()).device  # (works for a DDP-wrapped model too)
+    device = next(model.parameters()).device  # (works for a wrapped model too)
     idx, lengths = pad_batch(sequences, pad_id, device)
     target = torch.tensor(label_ids, dtype=torch.long, device=device)
     with _autocast(device):
@@ -491,30 +537,57 @@ def rank_loss(
     return loss, int(lengths.sum())
 
 
-def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune ``config.model`` to classify ``config.train`` into ``config.out``; the epoch with the best
-    eval accuracy (ties: the lower eval loss) is kept. ``rank``/``world_size`` pick this process's share
-    of each batch (see the module docstring); only rank 0 writes files. Returns a summary."""
+    eval accuracy (ties: the lower eval loss) is kept. Returns a summary.
+
+    Under ``torchrun`` every process calls it (``torchrun --nproc_per_node=N -m ferrolm finetune``):
+    ``config.parallel`` picks DDP or FSDP2, each rank trains on its slice of every global batch of
+    ``batch_size`` examples, and only rank 0 writes files (see the module docstring)."""
+    # Every check that needs no peer runs first: each rank sees the same config and environment, so
+    # each raises the same error, and none is left waiting in a collective for one that stopped.
     config.validate()
-    if not 0 <= rank < world_size:
-        raise FerrolmError(f"rank {rank} is not in [0, world_size={world_size})")
+    _, world_size, _ = distributed.world_from_env()
+    if config.batch_size < world_size:
+        raise FerrolmError(
+            f"batch_size {config.batch_size} (the global batch) is smaller than world_size {world_size}: "
+            f"each process needs an example in every step; use --batch-size {world_size} or more"
+        )
     device = resolve_device(config.device)
+    ctx = distributed.init(config.parallel, device)
+    try:
+        return _finetune(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any]:
+    """The loop of ``finetune``, as one rank runs it (a single process is rank 0 of 1)."""
+    device = ctx.device
     out = Path(config.out)
-    if (out / CLASSIFIER_FILE).exists():
-        raise FerrolmError(f"{out} already holds a fine-tuned classifier: choose another --out")
+    ctx.on_main(_check_new_out, out)  # rank 0 looks; every rank gets its verdict
 
     # --- data: labels come from the training set, sorted (integers numerically) ----------------------
-    train = read_examples(config.train, config.text_column, config.label_column)
-    labels: list[Label] = sorted({e.label for e in train})  # type: ignore[type-var]
-    if len(labels) < 2:
-        raise FerrolmError(f"{config.train}: needs at least 2 distinct labels, found {labels}")
-    evaluation = read_examples(config.eval, config.text_column, config.label_column)
-    train_y = _label_ids(train, labels, config.train)
-    eval_y = _label_ids(evaluation, labels, config.eval)
+    def read_data() -> tuple[list[Example], list[Example], list[Label], list[int], list[int]]:
+        train = read_examples(config.train, config.text_column, config.label_column)
+        labels: list[Label] = sorted({e.label for e in train})  # type: ignore[type-var]
+        if len(labels) < 2:
+            raise FerrolmError(f"{config.train}: needs at least 2 distinct labels, found {labels}")
+        evaluation = read_examples(config.eval, config.text_column, config.label_column)
+        return (
+            train,
+            evaluation,
+            labels,
+            _label_ids(train, labels, config.train),
+            _label_ids(evaluation, labels, config.eval),
+        )
 
-    # --- model: the pretrained backbone, a fresh head -------------------------------------------------
+    # Every rank reads the files; an error on any rank (a file one node cannot see) stops every rank.
+    train, evaluation, labels, train_y, eval_y = ctx.agreed(read_data)
+
+    # --- model: the pretrained backbone, a fresh head (the same seed: the same head on every rank) ----
     torch.manual_seed(config.seed)
-    gpt, tokenizer = load_backbone(config.model)
+    gpt, tokenizer = ctx.agreed(load_backbone, config.model)
     pad_id = tokenizer.eot_token
     if pad_id is None:
         raise FerrolmError(f"{config.model}: the tokenizer has no <|endoftext|> (or </s>) token to pad with")
@@ -525,7 +598,16 @@ def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> d
     for module in gpt.modules():
         if isinstance(module, nn.Dropout):
             module.p = config.dropout
+    if not gpt.config.tie_embeddings:
+        # An untied LM head takes no part in classification (its gradient is always None, AdamW never
+        # moves it); frozen, DDP does not wait for that gradient either.
+        gpt.lm_head.weight.requires_grad_(False)
     model = SequenceClassifier(gpt, len(labels)).to(device)
+    ctx.broadcast_module(model)  # every rank starts from rank 0's weights
+    # What forward and backward run through: DDP, FSDP2 (sharded per block, in place) or the model.
+    wrapped = ctx.wrap(model, blocks=model.gpt.transformer.h)  # type: ignore[arg-type]
+    if ctx.rank > 0:  # dropout: a stream per rank (rank 0's is the single-process one)
+        torch.manual_seed(_rank_seed(config.seed, ctx.rank))
     train_x, cut = _encode(tokenizer, [e.text for e in train], max_length)
     eval_x, eval_cut = _encode(tokenizer, [e.text for e in evaluation], max_length)
 
@@ -535,15 +617,14 @@ def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> d
         config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
     )
     optimizer = torch.optim.AdamW(
-        model.optimizer_groups(config.weight_decay),
+        model.optimizer_groups(config.weight_decay),  # after wrap: FSDP's parameters are its shards
         lr=config.lr,
         betas=(0.9, 0.999),  # the usual fine-tuning betas (BERT); short runs need no 0.95
         eps=1e-8,
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" and ctx.parallel != "fsdp",  # FSDP's DTensor shards use foreach
     )
 
-    writer = rank == 0
-    progress = _Progress(config.progress and writer, total_steps, 0)
+    progress = _Progress(config.progress and ctx.is_main, total_steps, 0)
     if cut or eval_cut:
         progress.note(f"{cut} training and {eval_cut} eval texts are longer than {max_length} tokens: cut")
     meta = {
@@ -562,9 +643,7 @@ def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> d
         "finetune_config": dataclasses.asdict(config),
     }
     records: list[dict[str, Any]] = []
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "tokenizer.json", tokenizer.to_json())
+    ctx.on_main(_start_out, out, tokenizer)
 
     step, best = 0, None
     model.train()
@@ -576,43 +655,50 @@ def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> d
             lr = lr_at(step, total_steps, warmup, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # Every rank needs a row to step in lockstep: a last batch smaller than world_size is
-            # skipped (at most world_size - 1 examples an epoch, different ones each epoch).
-            if len(batch) >= world_size:
-                started = time.perf_counter()
-                rows = rank_slice(batch, rank, world_size)
+            started = time.perf_counter()
+            rows = rank_slice(batch, ctx.rank, ctx.world_size)  # this rank's share
+            if rows:
                 loss, tokens = rank_loss(
-                    model, [train_x[i] for i in rows], [train_y[i] for i in rows], len(batch), pad_id
+                    wrapped, [train_x[i] for i in rows], [train_y[i] for i in rows], len(batch), pad_id
                 )
-                loss.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss = float(loss.detach())
-                train_loss += batch_loss * len(batch)
-                train_count += len(batch)
-                tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
-                progress.update(step + 1, batch_loss, lr, tokens_per_s)
+            else:  # a last batch smaller than world_size: every rank must still run the forward and
+                # backward (DDP's all-reduce, FSDP's all-gathers), so a one-token row that counts for 0
+                loss, tokens = rank_loss(wrapped, [[pad_id]], [0], len(batch), pad_id)[0] * 0.0, 0
+            # DDP and FSDP average the ranks' gradients; x world_size makes that average their sum, the
+            # gradient of the global batch's mean loss: the one a single process computes.
+            (loss * ctx.world_size).backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # The slices' losses add up to the global batch's mean; the job's tokens for the speed.
+            job = torch.tensor([float(loss.detach()), tokens], dtype=torch.float64, device=device)
+            batch_loss, job_tokens = ctx.all_reduce(job).tolist()
+            train_loss += batch_loss * len(batch)
+            train_count += len(batch)
+            tokens_per_s = job_tokens / max(time.perf_counter() - started, 1e-9)
+            progress.update(step + 1, batch_loss, lr, tokens_per_s, world_size=ctx.world_size)
             step += 1
 
-        result = _score(_log_probs(model, eval_x, pad_id, config.batch_size, device), eval_y)
+        # Each rank scores its slices; every row comes from one rank and zeros from the others, so the
+        # sum is exact and the same on every rank: so are the metrics and the best-epoch decision.
+        log_probs = _log_probs(model, eval_x, pad_id, config.batch_size, device, ctx.rank, ctx.world_size)
+        result = _score(ctx.all_reduce(log_probs.to(device)).cpu(), eval_y)
         is_best = best is None or (result["accuracy"], -result["loss"]) > (best["accuracy"], -best["loss"])
         records.append(
             {
                 "epoch": epoch,
                 "step": step,
-                "train_loss": train_loss / max(train_count, 1),  # this rank's share when world_size > 1
+                "train_loss": train_loss / max(train_count, 1),
                 **{f"eval_{k}": v for k, v in result.items()},
                 "best": is_best,
             }
         )
         if is_best:
             best = {**result, "epoch": epoch}
-        if writer:
-            if is_best:
-                _save_best(out, model, {**meta, "epoch": epoch, "step": step, "metrics": result})
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            weights = _full_weights(ctx, model)  # on rank 0 (FSDP: gathered, every rank takes part)
+            ctx.on_main(_save_best, out, weights, {**meta, "epoch": epoch, "step": step, "metrics": result})
+        ctx.on_main(atomic_write_text, out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         progress.note(
             f"epoch {epoch}/{config.epochs}: eval accuracy {result['accuracy']:.4f}, macro-F1 "
             f"{result['macro_f1']:.4f}, loss {result['loss']:.4f}" + (" (best so far)" if is_best else "")
@@ -630,6 +716,7 @@ def finetune(config: FinetuneConfig, *, rank: int = 0, world_size: int = 1) -> d
         "train_examples": len(train),
         "eval_examples": len(evaluation),
         "labels": labels,
+        "world_size": ctx.world_size,
     }
 
 
