@@ -650,6 +650,17 @@ def _query_block_ranges(
 
 
 @_triton_kernel
+def _query_keeps(rows, cols, row_start, row_end, hi, CAUSAL: tl.constexpr):
+    """(BM, BN): which keys ``cols`` each query row sees: its own document, before ``hi``, and (causal)
+    not past itself. The forward pass and the dQ pass mask the same way."""
+    keep = (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None])
+    keep = keep & (cols[None, :] < hi)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    return keep
+
+
+@_triton_kernel
 def _attn_fwd_inner(
     acc, l_i, m_i, q, K, V, stride_kt, stride_vt, rows, row_start, row_end, lo, hi, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -670,11 +681,7 @@ def _attn_fwd_inner(
             v = tl.load(v_ptrs)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BM, BN) base-2 logits
         if MASKED:
-            keep = (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None])
-            keep = keep & (cols[None, :] < hi)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_query_keeps(rows, cols, row_start, row_end, hi, CAUSAL), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen no key yet keeps max -inf; subtracting 0 instead keeps p and alpha at 0
             # rather than exp2(-inf - -inf) = NaN.
@@ -880,11 +887,7 @@ def _attn_bwd_dq_inner(
             vT = tl.load(vT_ptrs)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BM, BN) base-2 logits
         if MASKED:
-            keep = (cols[None, :] >= row_start[:, None]) & (cols[None, :] < row_end[:, None])
-            keep = keep & (cols[None, :] < hi)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_query_keeps(rows, cols, row_start, row_end, hi, CAUSAL), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])  # (BM, BN)
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN)
