@@ -71,7 +71,16 @@ import torch.nn.functional as F
 from ferrolm import distributed
 from ferrolm._core import FerrolmError
 from ferrolm.model import GPT, GPTConfig
-from ferrolm.train import _Progress, _rank_seed, _read_tensors, _sha256, atomic_write_text, resolve_device
+from ferrolm.train import (
+    _Progress,
+    _rank_seed,
+    _read_tensors,
+    _sha256,
+    atomic_write_text,
+    check_file,
+    read_versioned_json,
+    resolve_device,
+)
 
 __all__ = [
     "Classifier",
@@ -744,17 +753,9 @@ class Classifier:
         meta_path = run_dir / CLASSIFIER_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{run_dir}: no {CLASSIFIER_FILE} (not a ferrolm finetune output)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise FerrolmError(f"{meta_path}: corrupt ({error})") from None
-        if meta.get("format") != CLASSIFIER_FORMAT or meta.get("version") != CLASSIFIER_VERSION:
-            raise FerrolmError(f"{meta_path}: not a ferrolm classifier (format={meta.get('format')!r})")
+        meta = read_versioned_json(meta_path, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "classifier")
         weights_path = run_dir / meta["weights"]
-        if not weights_path.is_file():
-            raise FerrolmError(f"{weights_path}: missing (named by {meta_path})")
-        if _sha256(weights_path) != meta["sha256"]:
-            raise FerrolmError(f"{weights_path}: corrupt (sha256 differs from the one in {meta_path})")
+        check_file(weights_path, meta["sha256"], meta_path)
         state = _read_tensors(weights_path)
         score = state.pop("score.weight", None)
         if score is None or tuple(score.shape) != (meta["num_labels"], meta["model_config"]["n_embd"]):

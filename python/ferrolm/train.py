@@ -363,19 +363,30 @@ def load_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> 
     state_path = path / "state.json"
     if not state_path.is_file():
         raise FerrolmError(f"{pointer} names {path.name}, which has no state.json (incomplete checkpoint)")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FerrolmError(f"{state_path}: corrupt checkpoint state ({error})") from None
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
-        raise FerrolmError(f"{state_path}: not a ferrolm checkpoint (format={state.get('format')!r})")
+    state = read_versioned_json(state_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
     for name, digest in state["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise FerrolmError(f"{file}: missing from the checkpoint")
-        if verify and _sha256(file) != digest:
-            raise FerrolmError(f"{file}: corrupt (sha256 differs from the one recorded in state.json)")
+        check_file(path / name, digest if verify else None, state_path)
     return path, state
+
+
+def read_versioned_json(path: Path, format_name: str, version: int, kind: str) -> dict[str, Any]:
+    """A ferrolm JSON record (checkpoint state, classifier) whose ``format`` and ``version`` must match."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FerrolmError(f"{path}: corrupt {kind} record ({error})") from None
+    if not isinstance(data, dict) or data.get("format") != format_name or data.get("version") != version:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise FerrolmError(f"{path}: not a ferrolm {kind} (format={found!r})")
+    return data
+
+
+def check_file(file: Path, sha256: str | None, named_by: Path) -> None:
+    """``file`` exists and (unless ``sha256`` is None) has the digest ``named_by`` recorded for it."""
+    if not file.is_file():
+        raise FerrolmError(f"{file}: missing (named by {named_by})")
+    if sha256 is not None and _sha256(file) != sha256:
+        raise FerrolmError(f"{file}: corrupt (sha256 differs from the one recorded in {named_by})")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
