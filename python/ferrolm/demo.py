@@ -113,6 +113,8 @@ def write_task(out: Path, corpus: str | None, per_class: int, seed: int = 0) -> 
     corpus has fewer than two labels with snippets. Files, not snippets, are split (every 5th file to
     test, the next to dev), so no test snippet shares a file with a training one; each class is capped
     at ``per_class`` training snippets (and a quarter of that for dev and test) to keep it balanced."""
+    from ferrolm.train import atomic_write_text
+
     by_label = labelled_files(corpus)
     rows: dict[str, list[dict[str, str]]] = {"train": [], "dev": [], "test": []}
     rng = random.Random(seed)
@@ -134,7 +136,7 @@ def write_task(out: Path, corpus: str | None, per_class: int, seed: int = 0) -> 
     for split, split_rows in rows.items():
         rng.shuffle(split_rows)
         paths[split] = out / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(row) + "\n" for row in split_rows), encoding="utf-8")
+        atomic_write_text(paths[split], "".join(json.dumps(row) + "\n" for row in split_rows))
     return paths
 
 
@@ -284,7 +286,7 @@ def run_demo(
         )
         print(f"[7/{stages}] evaluate: skipped")
     else:
-        counts = {split: sum(1 for _ in open(path, encoding="utf-8")) for split, path in task.items()}
+        counts = {split: path.read_text(encoding="utf-8").count("\n") for split, path in task.items()}
         question = "which package" if corpus is None else "which top-level directory"
         print(
             f"[6/{stages}] fine-tune: {question} does a snippet come from? "
@@ -323,10 +325,12 @@ def run_demo(
         results["evaluate"] = stage("evaluate", evaluate_classifier)
         _print_confusion(results["evaluate"])
 
+    from ferrolm.train import atomic_write_text
+
     _print_summary(out, results)
     if not (tok_figures["round_trip"] and tok_figures["formats_agree"]):
         raise RuntimeError("demo check failed: see the summary above")
-    (out / "summary.json").write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(out / "summary.json", json.dumps(results, indent=1, default=str) + "\n")
     return results
 
 
