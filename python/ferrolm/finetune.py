@@ -78,6 +78,7 @@ from ferrolm.train import (
     _sha256,
     atomic_write_text,
     check_file,
+    load_pretrained,
     read_versioned_json,
     resolve_device,
 )
@@ -448,16 +449,7 @@ def load_backbone(path: str | os.PathLike[str]) -> tuple[GPT, Any]:
             f"{path} is a fine-tuned classifier: fine-tune from the pretrained model it came from "
             f"(its {CLASSIFIER_FILE} names it under source_model)"
         )
-    if (path / "checkpoints" / "latest").is_file():
-        from ferrolm.train import load_model
-
-        model = load_model(path)
-    elif (path / "config.json").is_file():
-        model = GPT.from_pretrained(path)
-    else:
-        raise FileNotFoundError(
-            f"{path}: neither a ferrolm run (checkpoints/latest) nor a Hugging Face directory"
-        )
+    model = load_pretrained(path)
     tokenizer = Tokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise FerrolmError(

@@ -14,7 +14,6 @@ import codecs
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,18 +28,9 @@ def load_for_generation(path: str | os.PathLike[str], device: str = "cpu") -> tu
     """(model in eval mode, ferrolm Tokenizer) from a ``ferrolm pretrain`` run directory or a Hugging
     Face directory (``ferrolm export`` output, or GPT-2 / Llama files)."""
     from ferrolm import Tokenizer
+    from ferrolm.train import load_pretrained
 
-    path = Path(path)
-    if (path / "checkpoints" / "latest").is_file():
-        from ferrolm.train import load_model
-
-        model = load_model(path, device)
-    elif (path / "config.json").is_file():
-        model = GPT.from_pretrained(path).to(device).eval()
-    else:
-        raise FileNotFoundError(
-            f"{path}: neither a run directory (checkpoints/latest) nor a Hugging Face one"
-        )
+    model = load_pretrained(path, device)
     if not model.config.causal:
         raise FerrolmError(f"{path}: a masked-LM encoder cannot generate text")
     return model, Tokenizer.from_pretrained(path)

@@ -45,7 +45,7 @@ from ferrolm import distributed
 from ferrolm._core import FerrolmError
 from ferrolm.model import GPT, IGNORE_INDEX, GPTConfig, mask_tokens
 
-__all__ = ["TrainConfig", "load_checkpoint", "load_model", "plot_metrics", "pretrain"]
+__all__ = ["TrainConfig", "load_checkpoint", "load_model", "load_pretrained", "plot_metrics", "pretrain"]
 
 CHECKPOINT_FORMAT = "ferrolm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -407,6 +407,18 @@ def load_model(run_dir: str | os.PathLike[str], device: str = "cpu", **overrides
     return model.to(device).eval()
 
 
+def load_pretrained(path: str | os.PathLike[str], device: str = "cpu", **overrides: Any) -> GPT:
+    """The model of a ferrolm run directory (its latest checkpoint) or of a Hugging Face directory
+    (``ferrolm export`` output, GPT-2 / Llama files), in eval mode."""
+    if (Path(path) / "checkpoints" / "latest").is_file():
+        return load_model(path, device, **overrides)
+    if (Path(path) / "config.json").is_file():
+        return GPT.from_pretrained(path, **overrides).to(device).eval()
+    raise FileNotFoundError(
+        f"{path}: neither a ferrolm run (checkpoints/latest) nor a Hugging Face directory"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
@@ -755,9 +767,7 @@ def _start_metrics(path: Path, step: int | None) -> None:
 
 def _pretrained_model(init_from: str, overrides: dict[str, Any]) -> GPT:
     """``init_from``: a ferrolm run directory (its latest checkpoint) or a Hugging Face directory."""
-    if (Path(init_from) / "checkpoints" / "latest").is_file():
-        return load_model(init_from, **overrides).train()
-    return GPT.from_pretrained(init_from, **overrides)
+    return load_pretrained(init_from, **overrides).train()
 
 
 def _load_weights(model: GPT, path: Path) -> None:
