@@ -41,6 +41,7 @@ class Tokenizer:
     def __init__(self, core: CoreTokenizer) -> None:
         self._core = core
         self._special_tokens: dict[str, int] = dict(core.special_tokens)
+        self._special_ids_cache: dict[tuple[AllOr, AllOr], tuple[list[int], list[int]]] = {}
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -120,6 +121,19 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
 
     def _special_ids(self, allowed_special: AllOr, disallowed_special: AllOr) -> tuple[list[int], list[int]]:
+        # Most calls pass the defaults (or the same arguments every time): resolve those once.
+        try:
+            return self._special_ids_cache[allowed_special, disallowed_special]
+        except (KeyError, TypeError):  # TypeError: an unhashable argument (a set), never cached
+            pass
+        resolved = self._resolve_special_ids(allowed_special, disallowed_special)
+        if isinstance(allowed_special, (str, frozenset)) and isinstance(disallowed_special, (str, frozenset)):
+            self._special_ids_cache[allowed_special, disallowed_special] = resolved
+        return resolved
+
+    def _resolve_special_ids(
+        self, allowed_special: AllOr, disallowed_special: AllOr
+    ) -> tuple[list[int], list[int]]:
         specials = self._special_tokens
         if allowed_special == "all":
             allowed = set(specials)
@@ -153,18 +167,27 @@ class Tokenizer:
         [31373, 220, 50256]
         """
         allowed, disallowed = self._special_ids(allowed_special, disallowed_special)
-        return self._core.encode(_safe_text(text), allowed, disallowed)
+        try:
+            return self._core.encode(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            return self._core.encode(_safe_text(text), allowed, disallowed)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode ``text`` ignoring special tokens (their text is encoded as ordinary text)."""
-        return self._core.encode_ordinary(_safe_text(text))
+        try:
+            return self._core.encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self._core.encode_ordinary(_safe_text(text))
 
     def encode_to_numpy(
         self, text: str, *, allowed_special: AllOr = frozenset(), disallowed_special: AllOr = "all"
     ) -> np.ndarray:
         """Like ``encode`` but returns a ``uint32`` numpy array (no copy)."""
         allowed, disallowed = self._special_ids(allowed_special, disallowed_special)
-        return self._core.encode_to_numpy(_safe_text(text), allowed, disallowed)
+        try:
+            return self._core.encode_to_numpy(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            return self._core.encode_to_numpy(_safe_text(text), allowed, disallowed)
 
     def encode_batch(
         self,
@@ -176,13 +199,13 @@ class Tokenizer:
     ) -> list[list[int]]:
         """Encode many texts on all cores (``num_threads`` overrides ``ferrolm.get_num_threads()``)."""
         allowed, disallowed = self._special_ids(allowed_special, disallowed_special)
-        return self._core.encode_batch([_safe_text(t) for t in texts], allowed, disallowed, num_threads)
+        return self._batch(self._core.encode_batch, texts, allowed, disallowed, num_threads)
 
     def encode_ordinary_batch(
         self, texts: Sequence[str], *, num_threads: int | None = None
     ) -> list[list[int]]:
         """``encode_ordinary`` for many texts on all cores."""
-        return self._core.encode_batch([_safe_text(t) for t in texts], [], [], num_threads)
+        return self._batch(self._core.encode_batch, texts, [], [], num_threads)
 
     def encode_batch_numpy(
         self,
@@ -197,7 +220,17 @@ class Tokenizer:
         Text ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``.
         """
         allowed, disallowed = self._special_ids(allowed_special, disallowed_special)
-        return self._core.encode_batch_numpy([_safe_text(t) for t in texts], allowed, disallowed, num_threads)
+        return self._batch(self._core.encode_batch_numpy, texts, allowed, disallowed, num_threads)
+
+    @staticmethod
+    def _batch(encode, texts, allowed, disallowed, num_threads):  # type: ignore[no-untyped-def]
+        # The core borrows each str's UTF-8 without a copy; only a batch holding lone surrogates
+        # (no UTF-8 form) pays for the replacement pass.
+        texts = texts if isinstance(texts, list) else list(texts)
+        try:
+            return encode(texts, allowed, disallowed, num_threads)
+        except UnicodeEncodeError:
+            return encode([_safe_text(t) for t in texts], allowed, disallowed, num_threads)
 
     # ------------------------------------------------------------------ decoding
 

@@ -64,6 +64,25 @@ pub(crate) fn detached<T: Send>(
     }
 }
 
+/// Below this many bytes of input a call is cheaper than releasing and re-taking the GIL.
+const DETACH_MIN_BYTES: usize = 1024;
+
+/// [`detached`] for work proportional to `input_bytes`: small inputs (a sentence, a word) run
+/// with the GIL held, where giving it up would cost more than the work; panics are caught alike.
+pub(crate) fn detached_above<T: Send>(
+    py: Python<'_>,
+    input_bytes: usize,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    if input_bytes >= DETACH_MIN_BYTES {
+        return detached(py, f);
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(PyErr::from),
+        Err(panic) => Err(panic_to_pyerr(panic)),
+    }
+}
+
 /// A caught Rust panic as a Python RuntimeError (never a crash, never a PanicException).
 pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
     let what = panic

@@ -1,10 +1,11 @@
 //! `ferrolm._core.CoreTokenizer`: the Rust tokenizer behind `ferrolm.Tokenizer`.
 
-use super::detached;
+use super::{detached, detached_above};
 use crate::error::Error;
 use crate::tokenizer::{bytelevel, formats, MergeRule, SpecialPolicy, Tokenizer, TokenizerParts};
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
 use pyo3::types::PyBytes;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,11 +28,11 @@ fn policy(allowed: Vec<u32>, disallowed: Vec<u32>) -> SpecialPolicy {
 }
 
 /// Splits a batch into runs of at most `BATCH_CHUNK_BYTES` of text.
-fn chunk_ranges(texts: &[String]) -> Vec<std::ops::Range<usize>> {
+fn chunk_ranges<S: AsRef<str>>(texts: &[S]) -> Vec<std::ops::Range<usize>> {
     let mut ranges = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, t) in texts.iter().enumerate() {
-        bytes += t.len();
+        bytes += t.as_ref().len();
         if bytes >= BATCH_CHUNK_BYTES {
             ranges.push(start..i + 1);
             start = i + 1;
@@ -67,7 +68,7 @@ impl CoreTokenizer {
     fn batch(
         &self,
         py: Python<'_>,
-        texts: &[String],
+        texts: &[PyBackedStr],
         policy: &SpecialPolicy,
         num_threads: Option<usize>,
     ) -> PyResult<Vec<Vec<u32>>> {
@@ -154,30 +155,32 @@ impl CoreTokenizer {
         })
     }
 
-    fn encode_ordinary(&self, py: Python<'_>, text: String) -> PyResult<Vec<u32>> {
-        detached(py, || self.inner.encode_ordinary(&text))
+    // Texts arrive as `PyBackedStr`: the str's own UTF-8 buffer, borrowed without a copy (a str
+    // holding lone surrogates has none: UnicodeEncodeError, which the Python layer handles).
+    fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
+        detached_above(py, text.len(), || self.inner.encode_ordinary(&text))
     }
 
     fn encode(
         &self,
         py: Python<'_>,
-        text: String,
+        text: PyBackedStr,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
     ) -> PyResult<Vec<u32>> {
         let policy = policy(allowed, disallowed);
-        detached(py, || self.inner.encode(&text, &policy))
+        detached_above(py, text.len(), || self.inner.encode(&text, &policy))
     }
 
     fn encode_to_numpy<'py>(
         &self,
         py: Python<'py>,
-        text: String,
+        text: PyBackedStr,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
     ) -> PyResult<Bound<'py, PyArray1<u32>>> {
         let policy = policy(allowed, disallowed);
-        let ids = detached(py, || self.inner.encode(&text, &policy))?;
+        let ids = detached_above(py, text.len(), || self.inner.encode(&text, &policy))?;
         Ok(ids.into_pyarray(py))
     }
 
@@ -185,7 +188,7 @@ impl CoreTokenizer {
     fn encode_batch(
         &self,
         py: Python<'_>,
-        texts: Vec<String>,
+        texts: Vec<PyBackedStr>,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
         num_threads: Option<usize>,
@@ -199,23 +202,22 @@ impl CoreTokenizer {
     fn encode_batch_numpy<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<String>,
+        texts: Vec<PyBackedStr>,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<TokensAndOffsets<'py>> {
-        let per_text = self.batch(py, &texts, &policy(allowed, disallowed), num_threads)?;
-        let (flat, offsets) = py.detach(|| {
-            let total: usize = per_text.iter().map(Vec::len).sum();
-            let mut flat = Vec::with_capacity(total);
-            let mut offsets = Vec::with_capacity(per_text.len() + 1);
-            offsets.push(0i64);
-            for ids in &per_text {
-                flat.extend_from_slice(ids);
-                offsets.push(flat.len() as i64);
-            }
-            (flat, offsets)
-        });
+        let policy = policy(allowed, disallowed);
+        let mut flat = Vec::new();
+        let mut offsets = vec![0i64];
+        for range in chunk_ranges(&texts) {
+            let chunk = &texts[range];
+            detached(py, || {
+                self.inner
+                    .encode_batch_flat(chunk, &policy, num_threads, &mut flat, &mut offsets)
+            })?;
+            py.check_signals()?;
+        }
         Ok((flat.into_pyarray(py), offsets.into_pyarray(py)))
     }
 

@@ -225,6 +225,13 @@ impl Tokenizer {
 
     /// Encodes text, turning allowed special tokens into their ids and refusing disallowed ones.
     pub fn encode(&self, text: &str, policy: &SpecialPolicy) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        self.encode_into(text, policy, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Tokenizer::encode`], appending to `out`.
+    fn encode_into(&self, text: &str, policy: &SpecialPolicy, out: &mut Vec<u32>) -> Result<()> {
         if !policy.disallowed.is_empty() {
             let matcher = self.special_matcher(&policy.disallowed)?;
             if let Some(m) = matcher.find(text) {
@@ -235,18 +242,16 @@ impl Tokenizer {
             }
         }
         if policy.allowed.is_empty() {
-            return self.encode_ordinary(text);
+            return self.encode_ordinary_into(text, out);
         }
         let matcher = self.special_matcher(&policy.allowed)?;
-        let mut out = Vec::with_capacity(text.len() / 3);
         let mut start = 0;
         for m in matcher.find_iter(text) {
-            self.encode_ordinary_into(&text[start..m.start()], &mut out)?;
+            self.encode_ordinary_into(&text[start..m.start()], out)?;
             out.push(self.special_ids[&text[m.range()]]);
             start = m.end();
         }
-        self.encode_ordinary_into(&text[start..], &mut out)?;
-        Ok(out)
+        self.encode_ordinary_into(&text[start..], out)
     }
 
     /// Encodes many texts on the pool (`num_threads` None: the default size).
@@ -262,6 +267,45 @@ impl Tokenizer {
                 .map(|t| self.encode(t.as_ref(), policy))
                 .collect()
         })
+    }
+
+    /// Encodes many texts on the pool into one flat array: appends each text's ids to `flat` and
+    /// the end of each to `offsets` (text i is `flat[offsets[i]..offsets[i + 1]]` when `offsets`
+    /// starts as `[0]`). Each worker fills one buffer for a run of texts, so the cost per text is
+    /// no allocation of its own.
+    pub fn encode_batch_flat<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        policy: &SpecialPolicy,
+        num_threads: Option<usize>,
+        flat: &mut Vec<u32>,
+        offsets: &mut Vec<i64>,
+    ) -> Result<()> {
+        let threads = num_threads.unwrap_or_else(crate::pool::num_threads).max(1);
+        // A few runs per thread, so an uneven run does not leave the others idle.
+        let run = texts.len().div_ceil(threads * 4).max(1);
+        let runs: Vec<(Vec<u32>, Vec<usize>)> = crate::pool::install(num_threads, || {
+            texts
+                .par_chunks(run)
+                .map(|chunk| {
+                    let bytes: usize = chunk.iter().map(|t| t.as_ref().len()).sum();
+                    let mut ids = Vec::with_capacity(bytes / 3);
+                    let mut ends = Vec::with_capacity(chunk.len());
+                    for text in chunk {
+                        self.encode_into(text.as_ref(), policy, &mut ids)?;
+                        ends.push(ids.len());
+                    }
+                    Ok((ids, ends))
+                })
+                .collect::<Result<_>>()
+        })?;
+        flat.reserve(runs.iter().map(|(ids, _)| ids.len()).sum());
+        for (ids, ends) in runs {
+            let base = flat.len() as i64;
+            offsets.extend(ends.iter().map(|&end| base + end as i64));
+            flat.extend_from_slice(&ids);
+        }
+        Ok(())
     }
 
     /// Concatenated bytes of `ids`; an id that no token has is an error naming it.
