@@ -23,7 +23,8 @@ fn rank_parts(joins: &[(usize, usize)]) -> TokenizerParts {
         tokens,
         merge_rule: MergeRule::Ranks,
         specials: vec![("<|end|>".to_string(), 100_000)],
-        pattern: "gpt2".to_string(),
+        pattern: ferrolm::tokenizer::pretokenize::GPT2_PATTERN.to_string(),
+        split: Default::default(),
         whole_piece_first: true,
         add_prefix_space: false,
     }

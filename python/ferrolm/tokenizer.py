@@ -247,6 +247,11 @@ class Tokenizer:
         """The pre-tokenization regex."""
         return self._core.pattern
 
+    @property
+    def is_lossless(self) -> bool:
+        """False when the pre-tokenizer drops text (a Hugging Face ``Split`` with ``Removed``)."""
+        return self._core.is_lossless
+
     def token_to_id(self, token: str) -> int:
         """Id of a special token, or of an ordinary token in byte-level spelling (``"Ġthe"``)."""
         return self._core.token_to_id(token)

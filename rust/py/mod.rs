@@ -88,9 +88,9 @@ fn get_num_threads() -> usize {
 
 /// The spelling of a pattern (a name or a regex) that Hugging Face tokenizers reads the same way.
 #[pyfunction]
-fn hf_pattern(name_or_regex: &str) -> String {
-    use crate::tokenizer::formats;
-    formats::pattern_for_hf(formats::resolve_pattern(name_or_regex)).to_string()
+fn hf_pattern(name_or_regex: &str) -> PyResult<String> {
+    use crate::tokenizer::{formats, pretokenize};
+    Ok(formats::pattern_for_hf(pretokenize::resolve_pattern(name_or_regex)?).to_string())
 }
 
 #[pymodule]

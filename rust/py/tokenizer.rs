@@ -2,7 +2,9 @@
 
 use super::detached;
 use crate::error::Error;
-use crate::tokenizer::{bytelevel, formats, MergeRule, SpecialPolicy, Tokenizer, TokenizerParts};
+use crate::tokenizer::{
+    bytelevel, formats, pretokenize, MergeRule, SpecialPolicy, Tokenizer, TokenizerParts,
+};
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -127,7 +129,8 @@ impl CoreTokenizer {
                 tokens,
                 merge_rule: merges.map_or(MergeRule::Ranks, MergeRule::List),
                 specials: special_tokens,
-                pattern: formats::resolve_pattern(&pattern).to_string(),
+                pattern: pretokenize::resolve_pattern(&pattern)?.to_string(),
+                split: pretokenize::SplitOptions::default(),
                 whole_piece_first,
                 add_prefix_space,
             })
@@ -290,6 +293,12 @@ impl CoreTokenizer {
     #[getter]
     fn pattern_name(&self) -> Option<&'static str> {
         self.inner.pretokenizer().name()
+    }
+
+    /// False when the pre-tokenizer drops text (a Hugging Face Split with behaviour Removed).
+    #[getter]
+    fn is_lossless(&self) -> bool {
+        self.inner.is_lossless()
     }
 
     #[getter]

@@ -10,7 +10,7 @@ pub mod train;
 use crate::error::{Error, Result};
 use aho_corasick::{AhoCorasick, MatchKind};
 use encode::{BytePairEncoder, Merge};
-use pretokenize::PreTokenizer;
+use pretokenize::{PreTokenizer, SplitOptions};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex};
@@ -32,8 +32,12 @@ pub struct TokenizerParts {
     pub merge_rule: MergeRule,
     /// Special tokens (text, id), matched in raw text before pre-tokenization.
     pub specials: Vec<(String, u32)>,
-    /// The pre-tokenization regex (or a named built-in pattern).
+    /// The pre-tokenization regex (a literal string if `split.literal`). Never a name: names are
+    /// resolved where a user gives them (`pretokenize::resolve_pattern`).
     pub pattern: String,
+    /// What Hugging Face's `Split` does with the pattern's matches (default: `Isolated`, which
+    /// keeps all text).
+    pub split: SplitOptions,
     /// A piece that is itself a token becomes that token without merging (tiktoken always does
     /// this; Hugging Face does it when the file says `ignore_merges`).
     pub whole_piece_first: bool,
@@ -78,7 +82,7 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn new(parts: TokenizerParts) -> Result<Self> {
-        let pretokenizer = PreTokenizer::new(&parts.pattern)?;
+        let pretokenizer = PreTokenizer::from_pattern(&parts.pattern, parts.split)?;
 
         let mut ordinary_ids: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         ordinary_ids.reserve(parts.tokens.len());
@@ -180,6 +184,12 @@ impl Tokenizer {
 
     pub fn pretokenizer(&self) -> &PreTokenizer {
         &self.pretokenizer
+    }
+
+    /// Whether `decode(encode(text)) == text` for every text: false when the pre-tokenizer drops
+    /// text (a Hugging Face `Split` with behaviour `Removed`). Sharding refuses a lossy tokenizer.
+    pub fn is_lossless(&self) -> bool {
+        self.pretokenizer.is_lossless()
     }
 
     /// One more than the largest id (ordinary or special).
@@ -423,13 +433,28 @@ fn derive_merges_from_ranks(
     Ok(list)
 }
 
+/// Quoted text for an error message (Rust `{:?}` spelling), cut to about 200 characters so that a
+/// huge line or token does not become a huge message. The one helper every tokenizer error uses.
+pub fn quote(text: &str) -> String {
+    const MAX_CHARS: usize = 200;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes in all)", &text[..cut], text.len()),
+    }
+}
+
 /// A token's bytes for messages: the text if it is UTF-8, else its byte-level spelling.
 pub fn describe_bytes(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
-        Ok(s) => format!("{s:?}"),
+        Ok(s) => quote(s),
+        Err(_) if bytes.len() > 64 => format!(
+            "{} (not UTF-8, {} bytes)",
+            quote(&bytelevel::encode_bytes(bytes)),
+            bytes.len()
+        ),
         Err(_) => format!(
-            "{:?} (bytes {:02x?})",
-            bytelevel::encode_bytes(bytes),
+            "{} (bytes {:02x?})",
+            quote(&bytelevel::encode_bytes(bytes)),
             bytes
         ),
     }
