@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -176,3 +179,223 @@ def test_unknown_pattern_names_are_errors_listing_the_names(typo, tmp_path):
     for call in calls:
         with pytest.raises(FerrolmError, match=r"unknown pattern name.*p50k_edit.*cl100k_classic"):
             call()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Truncated merge lists are errors, not new special tokens
+
+
+def write_vocab_merges(directory, merges: list[str], names=("vocab.json", "merges.txt")) -> Path:
+    data = base_json()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / names[0]).write_text(json.dumps(data["model"]["vocab"]), encoding="utf-8")
+    (directory / names[1]).write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    return directory
+
+
+def full_merges() -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in base_json()["model"]["merges"]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    cut=st.integers(0, 60),
+    names=st.sampled_from([("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]),
+)
+def test_truncated_merges_file_is_an_error_or_the_same_tokenizer(tmp_path_factory, cut, names):
+    merges = full_merges()
+    keep = len(merges) - cut
+    directory = write_vocab_merges(tmp_path_factory.mktemp("vm"), merges[:keep], names)
+    full = Tokenizer.from_json(json.dumps(base_json()))
+    text = "hello world, the quick brown fox 123"
+    try:
+        tok = Tokenizer.from_pretrained(directory / names[0])
+    except FormatError as e:
+        assert cut > 0
+        assert names[1] in str(e) and "truncated" in str(e)
+        return
+    assert tok.encode(text) == full.encode(text)
+    assert tok.special_tokens == full.special_tokens
+
+
+@settings(max_examples=20, deadline=None)
+@given(cut=st.integers(1, 60))
+def test_truncated_tokenizer_json_merges_are_an_error(cut):
+    data = json.loads(json.dumps(base_json()))
+    data["model"]["merges"] = data["model"]["merges"][:-cut]
+    with pytest.raises(FormatError, match=r"tokenizer.json.*no merge makes it"):
+        Tokenizer.from_json(json.dumps(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A special token cannot take an ordinary token's id
+
+
+def test_added_token_on_an_ordinary_id_is_an_error():
+    data = json.loads(json.dumps(base_json()))
+    (b,) = Tokenizer.from_json(json.dumps(data)).encode("b")
+    added = data["added_tokens"]
+    data["added_tokens"] = [*added, {"id": b, "content": "<x>", "special": True}]
+    with pytest.raises(FormatError, match=f'"<x>" has id {b}, which is already the ordinary token "b"'):
+        Tokenizer.from_json(json.dumps(data))
+    # An added token whose content IS the vocabulary token at that id (as HF files have) is fine.
+    data["added_tokens"] = [*added, {"id": b, "content": "b", "special": True}]
+    assert Tokenizer.from_json(json.dumps(data)).decode([b]) == "b"
+
+
+def test_tiktoken_special_on_an_ordinary_id_is_an_error(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)}
+    Tokenizer.from_ranks(ranks, pattern="gpt2").save_tiktoken(tmp_path / "x.tiktoken")
+    with pytest.raises(FormatError, match=r'"<\|end\|>" has id 97'):
+        Tokenizer.from_pretrained(tmp_path / "x.tiktoken", pattern="gpt2", special_tokens={"<|end|>": 97})
+    ok = Tokenizer.from_pretrained(tmp_path / "x.tiktoken", pattern="gpt2", special_tokens={"<|end|>": 256})
+    assert ok.decode([98, 256, 97]) == "b<|end|>a"
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A huge id in a small file is refused, never sizes a table
+
+
+@pytest.mark.parametrize("huge", [4294967294, 300_000_000])
+def test_huge_ids_are_format_errors(huge, tmp_path):
+    data = json.loads(json.dumps(base_json()))
+    data["added_tokens"] = [{"id": huge, "content": "<big>", "special": True}]
+    with pytest.raises(FormatError, match=f'"<big>" has id {huge}.*must be below'):
+        Tokenizer.from_json(json.dumps(data))
+    data = json.loads(json.dumps(base_json()))
+    data["model"]["vocab"]["<big>"] = huge
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=f"tokenizer.json: token .* has id {huge}"):
+        Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    with pytest.raises(FerrolmError, match=f"has id {huge}"):
+        Tokenizer.from_ranks(
+            {bytes([b]): b for b in range(256)}, pattern="gpt2", special_tokens={"<big>": huge}
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Quoted input in messages is capped
+
+
+def test_error_messages_cap_quoted_text(tmp_path):
+    huge = "x" * 1_000_000
+    cases = [
+        ("merges.txt", huge),  # one huge line, no space
+        ("merges.txt", huge + " b"),  # a huge token
+    ]
+    for name, line in cases:
+        d = write_vocab_merges(tmp_path / str(len(line)), [])
+        (d / name).write_text("#version: 0.2\n" + line + "\n")
+        with pytest.raises(FormatError) as info:
+            Tokenizer.from_pretrained(d)
+        assert len(str(info.value)) < 800 and "bytes in all" in str(info.value)
+    (tmp_path / "r.tiktoken").write_text(huge + "\n")
+    with pytest.raises(FormatError) as info:
+        Tokenizer.from_pretrained(tmp_path / "r.tiktoken", pattern="gpt2")
+    assert len(str(info.value)) < 800
+    data = json.loads(json.dumps(base_json()))
+    data["model"]["vocab"][huge] = 5000
+    with pytest.raises(FormatError) as info:
+        Tokenizer.from_json(json.dumps(data))
+    assert len(str(info.value)) < 800
+    with pytest.raises(FerrolmError) as info:
+        Tokenizer.train(iter(CORPUS), 280, pattern="a" * 100_000, show_progress=False)
+    assert len(str(info.value)) < 1200
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. FIFOs are refused, thread counts are checked
+
+
+FIFO_SCRIPT = """
+import os, sys
+from ferrolm import Tokenizer
+path = sys.argv[1]
+try:
+    Tokenizer.from_pretrained(path, pattern="gpt2") if path.endswith(".tiktoken") else Tokenizer.from_pretrained(path)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "r.tiktoken", "vocab.json", "merges.txt"])
+def test_fifo_in_place_of_a_tokenizer_file_is_an_error(name, tmp_path):
+    import subprocess
+    import sys
+
+    if name in ("vocab.json", "merges.txt"):
+        write_vocab_merges(tmp_path, full_merges())
+        (tmp_path / name).unlink()
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    target = tmp_path / "vocab.json" if name == "merges.txt" else fifo
+    out = subprocess.run(
+        [sys.executable, "-c", FIFO_SCRIPT, str(target)], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "FormatError" in out or "FerrolmError" in out, out
+    assert "regular file" in out or "needs" in out, out
+
+
+def test_training_on_a_fifo_is_an_error(tmp_path):
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    script = (
+        "import sys\nfrom ferrolm import Tokenizer\n"
+        "try:\n    Tokenizer.train([sys.argv[1]], 300, show_progress=False)\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(fifo)], capture_output=True, text=True, timeout=60
+    )
+    assert "regular file" in out.stdout, out
+
+
+@pytest.mark.parametrize("bad", [100_000, -1, -(2**40), 2**70])
+def test_thread_counts_are_checked(bad):
+    before = ferrolm.get_num_threads()
+    with pytest.raises((FerrolmError, OverflowError)) as info:
+        ferrolm.set_num_threads(bad)
+    if bad < 2**63:
+        assert isinstance(info.value, FerrolmError)
+        assert "expected 0 (all cores) to" in str(info.value)
+    assert ferrolm.get_num_threads() == before
+    tok = Tokenizer.from_json(json.dumps(base_json()))
+    if abs(bad) < 2**63:
+        with pytest.raises(FerrolmError, match="num_threads"):
+            tok.encode_batch(["a b"], num_threads=bad)
+    ferrolm.set_num_threads(0)
+    ferrolm.set_num_threads(before)
+    assert tok.encode_batch(["a b"], num_threads=2) == [tok.encode("a b")]
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. decode takes ints and integer arrays only
+
+
+def test_decode_refuses_what_is_not_an_int():
+    import numpy as np
+
+    tok = Tokenizer.from_json(json.dumps(base_json()))
+    for bad, where in [
+        ([104.9, 105.2], "ids[0] is float"),
+        ([104, "105"], "ids[1] is str"),
+        ([None], "ids[0]"),
+    ]:
+        with pytest.raises(TypeError, match=re.escape(where)):
+            tok.decode(bad)
+    for bad in [b"hi", "hi", bytearray(b"hi"), np.array([104.0, 105.0])]:
+        with pytest.raises(TypeError):
+            tok.decode(bad)
+        with pytest.raises(TypeError):
+            tok.decode_bytes(bad)
+    with pytest.raises(TypeError):
+        tok.decode_single_token_bytes(104.5)  # type: ignore[arg-type]
+    h, i = tok.encode("h") + tok.encode("i")
+    assert tok.decode([h, i]) == "hi"
+    assert tok.decode(np.array([h, i], dtype=np.uint16)) == "hi"
+    assert tok.decode([np.int64(h), np.uint32(i)]) == "hi"
+    assert tok.decode((h, i)) == "hi"
+    assert tok.decode([True]) == tok.decode([1])  # bool is an int, as tiktoken takes it

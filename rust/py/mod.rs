@@ -77,8 +77,8 @@ pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
 }
 
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    crate::pool::set_num_threads(n)
+fn set_num_threads(n: i64) -> PyResult<()> {
+    Ok(crate::pool::try_set_num_threads(n)?)
 }
 
 #[pyfunction]

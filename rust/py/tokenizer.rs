@@ -62,7 +62,22 @@ impl CoreTokenizer {
         py: Python<'_>,
         make: impl FnOnce() -> crate::Result<TokenizerParts> + Send,
     ) -> PyResult<Self> {
-        let inner = detached(py, || Tokenizer::new(make()?))?;
+        Self::build_at(py, None, make)
+    }
+
+    /// `build` for parts read from `location` (a file): what the core refuses in them is a
+    /// format error naming the file.
+    fn build_at(
+        py: Python<'_>,
+        location: Option<String>,
+        make: impl FnOnce() -> crate::Result<TokenizerParts> + Send,
+    ) -> PyResult<Self> {
+        let inner = detached(py, || {
+            Tokenizer::new(make()?).map_err(|e| match (e, &location) {
+                (Error::Invalid(message), Some(at)) => Error::format(at.clone(), message),
+                (e, _) => e,
+            })
+        })?;
         Ok(Self::from_tokenizer(inner))
     }
 
@@ -71,8 +86,11 @@ impl CoreTokenizer {
         py: Python<'_>,
         texts: &[String],
         policy: &SpecialPolicy,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<Vec<Vec<u32>>> {
+        let num_threads = num_threads
+            .map(|n| crate::pool::check_num_threads(n, "num_threads"))
+            .transpose()?;
         let mut out = Vec::with_capacity(texts.len());
         for range in chunk_ranges(texts) {
             let chunk = &texts[range];
@@ -91,7 +109,8 @@ impl CoreTokenizer {
     #[staticmethod]
     #[pyo3(signature = (path, pattern=None))]
     fn load(py: Python<'_>, path: PathBuf, pattern: Option<String>) -> PyResult<Self> {
-        Self::build(py, || formats::load(&path, pattern.as_deref()))
+        let at = path.display().to_string();
+        Self::build_at(py, Some(at), || formats::load(&path, pattern.as_deref()))
     }
 
     #[staticmethod]
@@ -102,14 +121,17 @@ impl CoreTokenizer {
         pattern: Option<String>,
         special_tokens: Option<Vec<(String, u32)>>,
     ) -> PyResult<Self> {
-        Self::build(py, || {
+        let at = path.display().to_string();
+        Self::build_at(py, Some(at), || {
             formats::load_tiktoken(&path, pattern.as_deref(), special_tokens)
         })
     }
 
     #[staticmethod]
     fn from_json(py: Python<'_>, text: String) -> PyResult<Self> {
-        Self::build(py, || formats::parse_hf_json(&text, "tokenizer.json"))
+        Self::build_at(py, Some("tokenizer.json".into()), || {
+            formats::parse_hf_json(&text, "tokenizer.json")
+        })
     }
 
     /// `merges` None: tiktoken rank semantics (ids are ranks); else the merge list as id pairs.
@@ -191,7 +213,7 @@ impl CoreTokenizer {
         texts: Vec<String>,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<Vec<Vec<u32>>> {
         self.batch(py, &texts, &policy(allowed, disallowed), num_threads)
     }
@@ -205,7 +227,7 @@ impl CoreTokenizer {
         texts: Vec<String>,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<TokensAndOffsets<'py>> {
         let per_text = self.batch(py, &texts, &policy(allowed, disallowed), num_threads)?;
         let (flat, offsets) = py.detach(|| {

@@ -8,7 +8,7 @@ use super::pretokenize::{
     resolve_pattern, SplitBehavior, SplitOptions, CL100K_HF_PATTERN, CL100K_PATTERN,
     GPT2_CLASSIC_PATTERN,
 };
-use super::{quote, MergeRule, Tokenizer, TokenizerParts};
+use super::{cap, quote, MergeRule, Tokenizer, TokenizerParts};
 use crate::error::{Error, Result};
 use crate::files;
 use base64::Engine;
@@ -156,7 +156,10 @@ pub fn load_vocab_merges(
             .ok_or_else(|| {
                 Error::format(
                     &location,
-                    format!("expected two tokens separated by one space, found {line:?}"),
+                    format!(
+                        "expected two tokens separated by one space, found {}",
+                        quote(line)
+                    ),
                 )
             })?;
         merges.push((
@@ -166,20 +169,40 @@ pub fn load_vocab_merges(
     }
 
     // In a BPE vocabulary every multi-character token is made by a merge; the others (GPT-2's
-    // <|endoftext|>, RoBERTa's <s> </s> <pad> <unk> <mask>) are special tokens.
+    // <|endoftext|>, RoBERTa's <s> </s> <pad> <unk> <mask>) are special tokens, which these files
+    // do not declare: one spelled like a special token (`<...>` or `[...]`) is taken as one. Any
+    // other token that no merge makes is what a truncated merges file leaves: an error.
     let merged: FxHashSet<String> = merges
         .iter()
         .map(|&(l, r)| format!("{}{}", vocab.by_id[&l], vocab.by_id[&r]))
         .collect();
+    let looks_special = |t: &str| {
+        (t.starts_with('<') && t.ends_with('>')) || (t.starts_with('[') && t.ends_with(']'))
+    };
     let mut tokens = Vec::new();
     let mut specials = Vec::new();
+    let mut orphans: Vec<(&String, u32)> = Vec::new();
     for (text, id) in &vocab.entries {
         let id = *id;
         if text.chars().count() > 1 && !merged.contains(text) {
-            specials.push((text.clone(), id));
+            if looks_special(text) {
+                specials.push((text.clone(), id));
+            } else {
+                orphans.push((text, id));
+            }
         } else {
             tokens.push((byte_level_bytes(text, &vocab_loc)?, id));
         }
+    }
+    if let Some(&(text, id)) = orphans.iter().min_by_key(|(_, id)| *id) {
+        return Err(Error::format(
+            &merges_loc,
+            format!(
+                "vocabulary token {} (id {id}) is not made by any merge and is not a special token ({} such token(s) in {vocab_loc}); is this merges file truncated?",
+                quote(text),
+                orphans.len()
+            ),
+        ));
     }
     specials.sort_by_key(|(_, id)| *id);
     Ok(TokenizerParts {
@@ -216,13 +239,21 @@ fn parse_vocab_object(value: &Value, location: &str) -> Result<VocabEntries> {
             .ok_or_else(|| {
                 Error::format(
                     location,
-                    format!("token {token:?}: expected a non-negative integer id, found {id}"),
+                    format!(
+                        "token {}: expected a non-negative integer id, found {}",
+                        quote(token),
+                        cap(&id.to_string())
+                    ),
                 )
             })? as u32;
         if let Some(other) = by_id.insert(id, token.clone()) {
             return Err(Error::format(
                 location,
-                format!("id {id} is given to two tokens: {other:?} and {token:?}"),
+                format!(
+                    "id {id} is given to two tokens: {} and {}",
+                    quote(&other),
+                    quote(token)
+                ),
             ));
         }
         ids.insert(token.clone(), id);
@@ -239,7 +270,10 @@ fn lookup(vocab: &VocabEntries, token: &str, location: &str) -> Result<u32> {
     vocab.ids.get(token).copied().ok_or_else(|| {
         Error::format(
             location,
-            format!("merge refers to {token:?}, which is not in the vocabulary"),
+            format!(
+                "merge refers to {}, which is not in the vocabulary",
+                quote(token)
+            ),
         )
     })
 }
@@ -249,8 +283,9 @@ fn byte_level_bytes(token: &str, location: &str) -> Result<Vec<u8>> {
         Error::format(
             location,
             format!(
-                "token {token:?} contains {c:?} (U+{:04X}), which is not a byte-level BPE character; \
+                "token {} contains {c:?} (U+{:04X}), which is not a byte-level BPE character; \
                  ferrolm reads byte-level BPE vocabularies (GPT-2 / RoBERTa / Llama-3 style)",
+                quote(token),
                 c as u32
             ),
         )
@@ -273,7 +308,10 @@ fn field<'v>(value: &'v Value, name: &str, location: &str, at: &str) -> Result<&
 fn unsupported(location: &str, at: &str, found: &Value, expected: &str) -> Error {
     Error::format(
         location,
-        format!("field {at}: unsupported value {found}; ferrolm reads {expected}"),
+        format!(
+            "field {at}: unsupported value {}; ferrolm reads {expected}",
+            cap(&found.to_string())
+        ),
     )
 }
 
@@ -340,7 +378,7 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
                 .split_once(' ')
                 .filter(|(_, r)| !r.contains(' '))
                 .ok_or_else(|| {
-                    Error::format(&at, format!("expected \"left right\", found {s:?}"))
+                    Error::format(&at, format!("expected \"left right\", found {}", quote(s)))
                 })?,
             Value::Array(pair) if pair.len() == 2 && pair.iter().all(Value::is_string) => (
                 pair[0].as_str().unwrap_or(""),
@@ -349,7 +387,10 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
             other => {
                 return Err(Error::format(
                     &at,
-                    format!("expected \"left right\" or [left, right], found {other}"),
+                    format!(
+                        "expected \"left right\" or [left, right], found {}",
+                        cap(&other.to_string())
+                    ),
                 ))
             }
         };
@@ -380,9 +421,15 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
     let special_texts: FxHashSet<&str> = specials.iter().map(|(t, _)| t.as_str()).collect();
     let mut tokens = Vec::with_capacity(vocab.entries.len());
     let vocab_location = format!("{location}: model.vocab");
+    let merged: FxHashSet<String> = merges
+        .iter()
+        .map(|&(l, r)| format!("{}{}", vocab.by_id[&l], vocab.by_id[&r]))
+        .collect();
     for (text, id) in &vocab.entries {
-        // Added tokens listed in the model vocabulary too (RoBERTa's <s>) are special only.
-        if !special_texts.contains(text.as_str()) {
+        // Added tokens listed in the model vocabulary too (RoBERTa's <s>) are special only, unless
+        // the vocabulary token is a byte or made by a merge: then it is ordinary as well.
+        let ordinary_too = text.chars().count() == 1 || merged.contains(text);
+        if ordinary_too || !special_texts.contains(text.as_str()) {
             tokens.push((byte_level_bytes(text, &vocab_location)?, *id));
         }
     }
@@ -504,7 +551,7 @@ fn parse_hf_pre_tokenizer(
                     format!(
                         "field pre_tokenizer.pretokenizers[0].behavior: expected one of {}, found {}",
                         names.join(", "),
-                        quote(&split.get("behavior").map_or("nothing".into(), |v| v.to_string()))
+                        cap(&split.get("behavior").map_or("nothing".into(), |v| v.to_string()))
                     ),
                 )
             })?;
@@ -517,7 +564,7 @@ fn parse_hf_pre_tokenizer(
                         format!(
                             "field pre_tokenizer.pretokenizers[0].invert: expected true or false, \
                              found {}",
-                            quote(&other.to_string())
+                            cap(&other.to_string())
                         ),
                     ))
                 }
@@ -590,7 +637,7 @@ pub fn to_hf_json(tokenizer: &Tokenizer) -> Result<String> {
         // Split, Hugging Face would put a space before every piece).
         if pretokenizer.name() != Some("gpt2") || options != SplitOptions::default() {
             return Err(Error::invalid(
-                "a tokenizer with add_prefix_space and a pattern other than GPT-2's cannot be                  written as a Hugging Face tokenizer.json (ByteLevel's add_prefix_space comes                  with the GPT-2 pattern only)",
+                "a tokenizer with add_prefix_space and a pattern other than GPT-2's cannot be written as a Hugging Face tokenizer.json (ByteLevel's add_prefix_space comes with the GPT-2 pattern only)",
             ));
         }
         byte_level(true, true)
@@ -700,14 +747,20 @@ pub fn parse_tiktoken(text: &str, location: &str) -> Result<Vec<(Vec<u8>, u32)>>
         let (token, rank) = line.split_once(' ').ok_or_else(|| {
             Error::format(
                 &at,
-                format!("expected \"<base64 token> <rank>\", found {line:?}"),
+                format!("expected \"<base64 token> <rank>\", found {}", quote(line)),
             )
         })?;
-        let bytes = engine
-            .decode(token)
-            .map_err(|e| Error::format(&at, format!("token {token:?} is not valid base64: {e}")))?;
+        let bytes = engine.decode(token).map_err(|e| {
+            Error::format(
+                &at,
+                format!("token {} is not valid base64: {e}", quote(token)),
+            )
+        })?;
         let rank: u32 = rank.parse().ok().filter(|&r| r < u32::MAX).ok_or_else(|| {
-            Error::format(&at, format!("rank {rank:?} is not a non-negative integer"))
+            Error::format(
+                &at,
+                format!("rank {} is not a non-negative integer", quote(rank)),
+            )
         })?;
         if let Some(first) = seen_ranks.insert(rank, line_no) {
             return Err(Error::format(
@@ -718,7 +771,7 @@ pub fn parse_tiktoken(text: &str, location: &str) -> Result<Vec<(Vec<u8>, u32)>>
         if let Some(first) = seen_tokens.insert(bytes.clone(), line_no) {
             return Err(Error::format(
                 &at,
-                format!("duplicate token {token:?} (first on line {first})"),
+                format!("duplicate token {} (first on line {first})", quote(token)),
             ));
         }
         if bytes.is_empty() {

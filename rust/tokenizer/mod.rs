@@ -70,6 +70,9 @@ pub struct Tokenizer {
 
 const MISSING: (u32, u32) = (u32::MAX, u32::MAX);
 
+/// How far ids may run past the number of tokens (unused ids between them are allowed).
+pub const ID_SLACK: u64 = 1 << 20;
+
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
@@ -116,9 +119,59 @@ impl Tokenizer {
             })?;
         }
 
+        // Ids index the decode table, so they must be near the number of tokens: one huge id in a
+        // small file must not size a huge table. Gaps are allowed (tiktoken's cl100k has a few
+        // unused ids before its specials), up to `ID_SLACK` of them.
+        let id_count = ordinary_ids.len() + parts.specials.len();
+        let id_limit = (id_count as u64 + ID_SLACK).min(u32::MAX as u64);
+        let named = parts
+            .tokens
+            .iter()
+            .map(|(bytes, id)| (describe_bytes(bytes), *id))
+            .chain(parts.specials.iter().map(|(text, id)| (quote(text), *id)));
+        for (token, id) in named {
+            if id as u64 >= id_limit {
+                return Err(Error::invalid(format!(
+                    "token {token} has id {id}, but this tokenizer has {id_count} tokens: ids must be below {id_limit} (the number of tokens + {ID_SLACK})"
+                )));
+            }
+        }
+        // A special token may share an id only with an ordinary token of the same text.
+        for (text, id) in &parts.specials {
+            if let Some(bytes) = bytes_of.get(id) {
+                if *bytes != text.as_bytes() {
+                    return Err(Error::invalid(format!(
+                        "special token {} has id {id}, which is already the ordinary token {}",
+                        quote(text),
+                        describe_bytes(bytes)
+                    )));
+                }
+            }
+        }
+
         let merges = match &parts.merge_rule {
             MergeRule::Ranks => merges_from_ranks(&parts.tokens, &ordinary_ids),
-            MergeRule::List(list) => merges_from_list(list, &bytes_of, &ordinary_ids)?,
+            MergeRule::List(list) => {
+                let merges = merges_from_list(list, &bytes_of, &ordinary_ids)?;
+                // Every multi-byte token must be made by a merge: one that none makes is what a
+                // truncated merge list leaves, and encoding would never produce it.
+                let made: rustc_hash::FxHashSet<u32> = merges.values().map(|m| m.merged).collect();
+                let mut orphans: Vec<&(Vec<u8>, u32)> = parts
+                    .tokens
+                    .iter()
+                    .filter(|(b, id)| b.len() > 1 && !made.contains(id))
+                    .collect();
+                if !orphans.is_empty() {
+                    orphans.sort_by_key(|(_, id)| *id);
+                    let (bytes, id) = orphans[0];
+                    return Err(Error::invalid(format!(
+                        "vocabulary token {} (id {id}) is not a special token and no merge makes it ({} such token(s)); is the merge list truncated?",
+                        describe_bytes(bytes),
+                        orphans.len()
+                    )));
+                }
+                merges
+            }
         };
         let whole_piece_first = parts.whole_piece_first || parts.merge_rule == MergeRule::Ranks;
 
@@ -129,9 +182,6 @@ impl Tokenizer {
             .chain(parts.specials.iter().map(|(_, id)| *id))
             .max()
             .unwrap_or(0);
-        if max_id == u32::MAX {
-            return Err(Error::invalid("token id 4294967295 is reserved"));
-        }
         let mut spans = vec![MISSING; max_id as usize + 1];
         let mut token_bytes = Vec::new();
         let mut push = |id: u32, bytes: &[u8]| {
@@ -150,7 +200,8 @@ impl Tokenizer {
             if let Some(other) = special_ids.insert(text.clone(), *id) {
                 if other != *id {
                     return Err(Error::invalid(format!(
-                        "special token {text:?} has two ids, {other} and {id}"
+                        "special token {} has two ids, {other} and {id}",
+                        quote(text)
                     )));
                 }
             }
@@ -434,13 +485,27 @@ fn derive_merges_from_ranks(
 }
 
 /// Quoted text for an error message (Rust `{:?}` spelling), cut to about 200 characters so that a
-/// huge line or token does not become a huge message. The one helper every tokenizer error uses.
+/// huge line or token does not become a huge message. With [`cap`], the one helper every tokenizer
+/// error uses for input text.
 pub fn quote(text: &str) -> String {
-    const MAX_CHARS: usize = 200;
-    match text.char_indices().nth(MAX_CHARS) {
+    match cut_point(text) {
         None => format!("{text:?}"),
-        Some((cut, _)) => format!("{:?}... ({} bytes in all)", &text[..cut], text.len()),
+        Some(cut) => format!("{:?}... ({} bytes in all)", &text[..cut], text.len()),
     }
+}
+
+/// Text already spelled for a message (a JSON value), cut like [`quote`] but not quoted again.
+pub fn cap(text: &str) -> String {
+    match cut_point(text) {
+        None => text.to_string(),
+        Some(cut) => format!("{}... ({} bytes in all)", &text[..cut], text.len()),
+    }
+}
+
+const QUOTE_CHARS: usize = 200;
+
+fn cut_point(text: &str) -> Option<usize> {
+    text.char_indices().nth(QUOTE_CHARS).map(|(cut, _)| cut)
 }
 
 /// A token's bytes for messages: the text if it is UTF-8, else its byte-level spelling.

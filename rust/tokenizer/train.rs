@@ -582,7 +582,8 @@ impl ChunkCounter {
                     path.display()
                 )));
             }
-            std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // A FIFO or device would block or never end: refused before any reading starts.
+            crate::files::open_regular(path)?;
             total += meta.len();
             formats.push((format, meta.len()));
         }
