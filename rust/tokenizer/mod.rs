@@ -136,10 +136,11 @@ impl Tokenizer {
                 )));
             }
         }
-        // A special token may share an id only with an ordinary token of the same text.
+        // A special token may share an id only with an ordinary token of the same text: its bytes,
+        // or its byte-level spelling (a tokenizer.json vocabulary entry, "Ġthe" or "é" for 0xe9).
         for (text, id) in &parts.specials {
             if let Some(bytes) = bytes_of.get(id) {
-                if *bytes != text.as_bytes() {
+                if *bytes != text.as_bytes() && bytelevel::encode_bytes(bytes) != *text {
                     return Err(Error::invalid(format!(
                         "special token {} has id {id}, which is already the ordinary token {}",
                         quote(text),
