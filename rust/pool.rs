@@ -24,7 +24,7 @@ pub fn check_num_threads(n: i64, what: &str) -> Result<usize> {
     let max = max_threads();
     if n < 0 || n as u64 > max as u64 {
         return Err(Error::invalid(format!(
-            "{what}={n}: expected 0 (all cores) to {max} (64 threads per core on this machine,              at least 256)"
+            "{what}={n}: expected 0 (all cores) to {max} (64 threads per core on this machine, at least 256)"
         )));
     }
     Ok(n as usize)

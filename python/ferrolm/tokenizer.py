@@ -57,8 +57,10 @@ class Tokenizer:
 
         ``path`` may hold a Hugging Face ``tokenizer.json`` (byte-level BPE), ``vocab.json`` +
         ``merges.txt``, GPT-2's ``encoder.json`` + ``vocab.bpe``, or a tiktoken ``*.tiktoken`` rank
-        file. ``pattern`` ("gpt2", "cl100k", "o200k" or a regex) overrides the pre-tokenization
-        pattern; a rank file needs one unless its name is a tiktoken encoding (``cl100k_base.tiktoken``).
+        file. ``pattern`` overrides the pre-tokenization pattern: a name ("gpt2", "cl100k",
+        "cl100k_classic", "o200k" or a tiktoken encoding name such as "p50k_base"; another bare word
+        is an error listing the names) or a regex, which splits like Hugging Face's
+        ``Split(pattern, "isolated")`` (the text between matches is kept); a rank file needs one unless its name is a tiktoken encoding (``cl100k_base.tiktoken``).
         ``special_tokens`` (text -> id) sets a rank file's special tokens.
         """
         path = os.fspath(path)
