@@ -399,3 +399,23 @@ def test_decode_refuses_what_is_not_an_int():
     assert tok.decode([np.int64(h), np.uint32(i)]) == "hi"
     assert tok.decode((h, i)) == "hi"
     assert tok.decode([True]) == tok.decode([1])  # bool is an int, as tiktoken takes it
+
+
+def test_sharding_with_a_split_tokenizer_keeps_every_byte(tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from ferrolm.data import shard_corpus
+
+    tok, _ = pair(0, "Isolated", False)  # {"String": " "}: lost all but the spaces before the fix
+    docs = [f"doc {i}: hello world, this is a test {i * 7}" for i in range(50)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    manifest = shard_corpus(
+        tmp_path / "in.jsonl", tmp_path / "out", tok, val_fraction=0.0, show_progress=False
+    )
+    got = []
+    for shard in manifest.shards("train"):
+        tensors = load_file(str(shard.path))
+        tokens, offsets = tensors["tokens"], tensors["doc_offsets"].astype(np.int64)
+        got += [tok.decode(tokens[offsets[i] : offsets[i + 1] - 1]) for i in range(len(offsets) - 1)]
+    assert got == docs
