@@ -5,8 +5,30 @@
 //! the pool remembers the process id that built it and a child silently builds its own: no hang,
 //! no warning, nothing for the user to set.
 
+use crate::error::{Error, Result};
 use rayon::ThreadPool;
 use std::sync::{Arc, Mutex};
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most threads a pool may have: 64 per core (at least 256). More only costs memory and
+/// start-up time (each pool is kept for reuse), and a typo like 100000 would stall, then fail.
+pub fn max_threads() -> usize {
+    (64 * cores()).max(256)
+}
+
+/// Checks a thread count given by a user (`what` names the argument): 0 means all cores.
+pub fn check_num_threads(n: i64, what: &str) -> Result<usize> {
+    let max = max_threads();
+    if n < 0 || n as u64 > max as u64 {
+        return Err(Error::invalid(format!(
+            "{what}={n}: expected 0 (all cores) to {max} (64 threads per core on this machine, at least 256)"
+        )));
+    }
+    Ok(n as usize)
+}
 
 struct Pools {
     pid: u32,
@@ -21,7 +43,8 @@ fn default_size_from_env() -> usize {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .map(|n| n.min(max_threads()))
+        .unwrap_or_else(cores)
 }
 
 fn with_pools<R>(f: impl FnOnce(&mut Pools) -> R) -> R {
@@ -49,12 +72,19 @@ pub fn num_threads() -> usize {
     with_pools(|p| p.default_size)
 }
 
-/// Sets the default number of threads (0 means all cores).
+/// Sets the default number of threads from a user's value: 0 means all cores; a negative value or
+/// one above [`max_threads`] is an error saying the bound.
+pub fn try_set_num_threads(n: i64) -> Result<()> {
+    set_num_threads(check_num_threads(n, "num_threads")?);
+    Ok(())
+}
+
+/// Sets the default number of threads (0 means all cores; cut to [`max_threads`]).
 pub fn set_num_threads(n: usize) {
     let n = if n == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        cores()
     } else {
-        n
+        n.min(max_threads())
     };
     with_pools(|p| p.default_size = n);
 }
@@ -77,8 +107,12 @@ fn pool(size: usize) -> Arc<ThreadPool> {
 }
 
 /// Runs `f` inside a pool of `num_threads` (None: the default size); rayon calls in `f` use it.
+/// A size above [`max_threads`] is cut to it (callers check user input with [`check_num_threads`]).
 pub fn install<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
-    let size = threads.filter(|&n| n > 0).unwrap_or_else(num_threads);
+    let size = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(num_threads)
+        .min(max_threads());
     pool(size).install(f)
 }
 
@@ -92,5 +126,21 @@ mod tests {
         assert_eq!(install(Some(3), rayon::current_num_threads), 3);
         let sum: u64 = install(Some(2), || (0..1000u64).into_par_iter().sum());
         assert_eq!(sum, 499_500);
+    }
+
+    #[test]
+    fn thread_counts_are_checked() {
+        for bad in [-1, i64::MIN, (max_threads() + 1) as i64, 100_000] {
+            let e = check_num_threads(bad, "num_threads")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&max_threads().to_string()), "{e}");
+            assert!(try_set_num_threads(bad).is_err());
+        }
+        assert_eq!(check_num_threads(0, "n").unwrap(), 0);
+        assert_eq!(
+            install(Some(usize::MAX), rayon::current_num_threads),
+            max_threads()
+        );
     }
 }

@@ -23,7 +23,8 @@ fn rank_parts(joins: &[(usize, usize)]) -> TokenizerParts {
         tokens,
         merge_rule: MergeRule::Ranks,
         specials: vec![("<|end|>".to_string(), 100_000)],
-        pattern: "gpt2".to_string(),
+        pattern: ferrolm::tokenizer::pretokenize::GPT2_PATTERN.to_string(),
+        split: Default::default(),
         whole_piece_first: true,
         add_prefix_space: false,
     }
@@ -72,6 +73,36 @@ proptest! {
         let ids = tokenizer.encode(&with_special, &policy).unwrap();
         prop_assert!(ids.contains(&100_000));
         prop_assert_eq!(tokenizer.decode_bytes(&ids).unwrap(), with_special.as_bytes());
+    }
+
+    /// A merge list cut anywhere is refused (a token no merge makes) or is the whole list.
+    #[test]
+    fn truncated_merge_lists_are_errors_or_identical(joins in joins(), cut in 0usize..400, text in texts()) {
+        let full = Tokenizer::new(rank_parts(&joins)).unwrap();
+        let merges = full.merge_list().unwrap();
+        let keep = merges.len().saturating_sub(cut % (merges.len() + 1));
+        let mut parts = rank_parts(&joins);
+        parts.merge_rule = MergeRule::List(merges[..keep].to_vec());
+        parts.whole_piece_first = false;
+        match Tokenizer::new(parts) {
+            Err(e) => {
+                prop_assert!(keep < merges.len());
+                prop_assert!(e.to_string().contains("no merge makes it"), "{}", e);
+            }
+            Ok(t) => {
+                prop_assert_eq!(keep, merges.len());
+                prop_assert_eq!(t.encode_ordinary(&text).unwrap(), full.encode_ordinary(&text).unwrap());
+            }
+        }
+    }
+
+    /// Ids far beyond the number of tokens are refused before any table is sized by them.
+    #[test]
+    fn huge_ids_are_errors(joins in joins(), id in 2_000_000u32..u32::MAX) {
+        let mut parts = rank_parts(&joins);
+        parts.specials.push(("<|big|>".to_string(), id));
+        let e = Tokenizer::new(parts).unwrap_err().to_string();
+        prop_assert!(e.contains("<|big|>") && e.contains(&id.to_string()), "{}", e);
     }
 
     #[test]

@@ -11,6 +11,7 @@ text unless they are allowed (``allowed_special``) or explicitly permitted as pl
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -57,8 +58,10 @@ class Tokenizer:
 
         ``path`` may hold a Hugging Face ``tokenizer.json`` (byte-level BPE), ``vocab.json`` +
         ``merges.txt``, GPT-2's ``encoder.json`` + ``vocab.bpe``, or a tiktoken ``*.tiktoken`` rank
-        file. ``pattern`` ("gpt2", "cl100k", "o200k" or a regex) overrides the pre-tokenization
-        pattern; a rank file needs one unless its name is a tiktoken encoding (``cl100k_base.tiktoken``).
+        file. ``pattern`` overrides the pre-tokenization pattern: a name ("gpt2", "cl100k",
+        "cl100k_classic", "o200k" or a tiktoken encoding name such as "p50k_base"; another bare word
+        is an error listing the names) or a regex, which splits like Hugging Face's
+        ``Split(pattern, "isolated")`` (the text between matches is kept); a rank file needs one unless its name is a tiktoken encoding (``cl100k_base.tiktoken``).
         ``special_tokens`` (text -> id) sets a rank file's special tokens.
         """
         path = os.fspath(path)
@@ -247,7 +250,7 @@ class Tokenizer:
 
     def decode_single_token_bytes(self, token: int) -> bytes:
         """The bytes of one token (``KeyError`` if no token has this id)."""
-        return self._core.token_bytes(int(token))
+        return self._core.token_bytes(_as_id(token))
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -280,13 +283,18 @@ class Tokenizer:
         """The pre-tokenization regex."""
         return self._core.pattern
 
+    @property
+    def is_lossless(self) -> bool:
+        """False when the pre-tokenizer drops text (a Hugging Face ``Split`` with ``Removed``)."""
+        return self._core.is_lossless
+
     def token_to_id(self, token: str) -> int:
         """Id of a special token, or of an ordinary token in byte-level spelling (``"Ġthe"``)."""
         return self._core.token_to_id(token)
 
     def id_to_token(self, id: int) -> str:
         """Inverse of ``token_to_id``."""
-        return self._core.id_to_token(int(id))
+        return self._core.id_to_token(_as_id(id))
 
     def __repr__(self) -> str:
         name = self._core.pattern_name or "custom pattern"
@@ -294,8 +302,33 @@ class Tokenizer:
 
 
 def _as_int_list(ids: Iterable[int]) -> list[int]:
+    """Token ids as a list of ints, as tiktoken takes them: Python ints (``bool`` too, being an int
+    subclass, as in tiktoken), numpy integers, or an integer numpy array. Nothing is coerced: a
+    float, a string or ``bytes`` is a ``TypeError`` naming the element's index and type."""
+    if isinstance(ids, (str, bytes, bytearray, memoryview)):
+        raise TypeError(f"token ids must be a sequence of ints, not {type(ids).__name__}")
+    dtype = getattr(ids, "dtype", None)
     tolist = getattr(ids, "tolist", None)
-    return tolist() if callable(tolist) else [int(i) for i in ids]
+    if dtype is not None and callable(tolist):
+        if getattr(dtype, "kind", None) not in ("i", "u"):
+            raise TypeError(f"token ids must be an integer array, not an array of {dtype}")
+        return tolist()
+    out = []
+    for index, value in enumerate(ids):
+        try:
+            out.append(operator.index(value))
+        except TypeError:
+            raise TypeError(
+                f"token ids[{index}] is {type(value).__name__} ({value!r:.50}), expected an int"
+            ) from None
+    return out
+
+
+def _as_id(value: int) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"a token id must be an int, not {type(value).__name__} ({value!r:.50})") from None
 
 
 # Re-exported for callers that want the raw patterns.

@@ -96,8 +96,8 @@ pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
 }
 
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    crate::pool::set_num_threads(n)
+fn set_num_threads(n: i64) -> PyResult<()> {
+    Ok(crate::pool::try_set_num_threads(n)?)
 }
 
 #[pyfunction]
@@ -107,9 +107,9 @@ fn get_num_threads() -> usize {
 
 /// The spelling of a pattern (a name or a regex) that Hugging Face tokenizers reads the same way.
 #[pyfunction]
-fn hf_pattern(name_or_regex: &str) -> String {
-    use crate::tokenizer::formats;
-    formats::pattern_for_hf(formats::resolve_pattern(name_or_regex)).to_string()
+fn hf_pattern(name_or_regex: &str) -> PyResult<String> {
+    use crate::tokenizer::{formats, pretokenize};
+    Ok(formats::pattern_for_hf(pretokenize::resolve_pattern(name_or_regex)?).to_string())
 }
 
 #[pymodule]

@@ -2,7 +2,9 @@
 
 use super::{detached, detached_above};
 use crate::error::Error;
-use crate::tokenizer::{bytelevel, formats, MergeRule, SpecialPolicy, Tokenizer, TokenizerParts};
+use crate::tokenizer::{
+    bytelevel, formats, pretokenize, MergeRule, SpecialPolicy, Tokenizer, TokenizerParts,
+};
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
@@ -61,7 +63,22 @@ impl CoreTokenizer {
         py: Python<'_>,
         make: impl FnOnce() -> crate::Result<TokenizerParts> + Send,
     ) -> PyResult<Self> {
-        let inner = detached(py, || Tokenizer::new(make()?))?;
+        Self::build_at(py, None, make)
+    }
+
+    /// `build` for parts read from `location` (a file): what the core refuses in them is a
+    /// format error naming the file.
+    fn build_at(
+        py: Python<'_>,
+        location: Option<String>,
+        make: impl FnOnce() -> crate::Result<TokenizerParts> + Send,
+    ) -> PyResult<Self> {
+        let inner = detached(py, || {
+            Tokenizer::new(make()?).map_err(|e| match (e, &location) {
+                (Error::Invalid(message), Some(at)) => Error::format(at.clone(), message),
+                (e, _) => e,
+            })
+        })?;
         Ok(Self::from_tokenizer(inner))
     }
 
@@ -70,8 +87,11 @@ impl CoreTokenizer {
         py: Python<'_>,
         texts: &[PyBackedStr],
         policy: &SpecialPolicy,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<Vec<Vec<u32>>> {
+        let num_threads = num_threads
+            .map(|n| crate::pool::check_num_threads(n, "num_threads"))
+            .transpose()?;
         let mut out = Vec::with_capacity(texts.len());
         for range in chunk_ranges(texts) {
             let chunk = &texts[range];
@@ -90,7 +110,8 @@ impl CoreTokenizer {
     #[staticmethod]
     #[pyo3(signature = (path, pattern=None))]
     fn load(py: Python<'_>, path: PathBuf, pattern: Option<String>) -> PyResult<Self> {
-        Self::build(py, || formats::load(&path, pattern.as_deref()))
+        let at = path.display().to_string();
+        Self::build_at(py, Some(at), || formats::load(&path, pattern.as_deref()))
     }
 
     #[staticmethod]
@@ -101,14 +122,17 @@ impl CoreTokenizer {
         pattern: Option<String>,
         special_tokens: Option<Vec<(String, u32)>>,
     ) -> PyResult<Self> {
-        Self::build(py, || {
+        let at = path.display().to_string();
+        Self::build_at(py, Some(at), || {
             formats::load_tiktoken(&path, pattern.as_deref(), special_tokens)
         })
     }
 
     #[staticmethod]
     fn from_json(py: Python<'_>, text: String) -> PyResult<Self> {
-        Self::build(py, || formats::parse_hf_json(&text, "tokenizer.json"))
+        Self::build_at(py, Some("tokenizer.json".into()), || {
+            formats::parse_hf_json(&text, "tokenizer.json")
+        })
     }
 
     /// `merges` None: tiktoken rank semantics (ids are ranks); else the merge list as id pairs.
@@ -128,7 +152,8 @@ impl CoreTokenizer {
                 tokens,
                 merge_rule: merges.map_or(MergeRule::Ranks, MergeRule::List),
                 specials: special_tokens,
-                pattern: formats::resolve_pattern(&pattern).to_string(),
+                pattern: pretokenize::resolve_pattern(&pattern)?.to_string(),
+                split: pretokenize::SplitOptions::default(),
                 whole_piece_first,
                 add_prefix_space,
             })
@@ -191,7 +216,7 @@ impl CoreTokenizer {
         texts: Vec<PyBackedStr>,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<Vec<Vec<u32>>> {
         self.batch(py, &texts, &policy(allowed, disallowed), num_threads)
     }
@@ -205,7 +230,7 @@ impl CoreTokenizer {
         texts: Vec<PyBackedStr>,
         allowed: Vec<u32>,
         disallowed: Vec<u32>,
-        num_threads: Option<usize>,
+        num_threads: Option<i64>,
     ) -> PyResult<TokensAndOffsets<'py>> {
         let policy = policy(allowed, disallowed);
         let mut flat = Vec::new();
@@ -292,6 +317,12 @@ impl CoreTokenizer {
     #[getter]
     fn pattern_name(&self) -> Option<&'static str> {
         self.inner.pretokenizer().name()
+    }
+
+    /// False when the pre-tokenizer drops text (a Hugging Face Split with behaviour Removed).
+    #[getter]
+    fn is_lossless(&self) -> bool {
+        self.inner.is_lossless()
     }
 
     #[getter]

@@ -5,9 +5,10 @@
 
 use super::bytelevel;
 use super::pretokenize::{
-    CL100K_HF_PATTERN, CL100K_PATTERN, GPT2_CLASSIC_PATTERN, GPT2_PATTERN, O200K_PATTERN,
+    resolve_pattern, SplitBehavior, SplitOptions, CL100K_HF_PATTERN, CL100K_PATTERN,
+    GPT2_CLASSIC_PATTERN,
 };
-use super::{MergeRule, Tokenizer, TokenizerParts};
+use super::{cap, quote, MergeRule, Tokenizer, TokenizerParts};
 use crate::error::{Error, Result};
 use crate::files;
 use base64::Engine;
@@ -98,21 +99,13 @@ fn load_directory(dir: &Path, pattern: Option<&str>) -> Result<TokenizerParts> {
     }
 }
 
+/// A `pattern=` override replaces the file's pattern with a regex split `Isolated` (all text kept).
 fn with_pattern(mut parts: TokenizerParts, pattern: Option<&str>) -> Result<TokenizerParts> {
     if let Some(p) = pattern {
-        parts.pattern = resolve_pattern(p).to_string();
+        parts.pattern = resolve_pattern(p)?.to_string();
+        parts.split = SplitOptions::default();
     }
     Ok(parts)
-}
-
-/// A named pattern ("gpt2", "cl100k", "o200k", and tiktoken's encoding names) or a regex.
-pub fn resolve_pattern(name_or_regex: &str) -> &str {
-    match name_or_regex {
-        "gpt2" | "r50k_base" | "p50k_base" | "p50k_edit" => GPT2_PATTERN,
-        "cl100k" | "cl100k_base" => CL100K_PATTERN,
-        "o200k" | "o200k_base" => O200K_PATTERN,
-        other => other,
-    }
 }
 
 fn file_name(path: &Path) -> String {
@@ -163,7 +156,10 @@ pub fn load_vocab_merges(
             .ok_or_else(|| {
                 Error::format(
                     &location,
-                    format!("expected two tokens separated by one space, found {line:?}"),
+                    format!(
+                        "expected two tokens separated by one space, found {}",
+                        quote(line)
+                    ),
                 )
             })?;
         merges.push((
@@ -173,27 +169,48 @@ pub fn load_vocab_merges(
     }
 
     // In a BPE vocabulary every multi-character token is made by a merge; the others (GPT-2's
-    // <|endoftext|>, RoBERTa's <s> </s> <pad> <unk> <mask>) are special tokens.
+    // <|endoftext|>, RoBERTa's <s> </s> <pad> <unk> <mask>) are special tokens, which these files
+    // do not declare: one spelled like a special token (`<...>` or `[...]`) is taken as one. Any
+    // other token that no merge makes is what a truncated merges file leaves: an error.
     let merged: FxHashSet<String> = merges
         .iter()
         .map(|&(l, r)| format!("{}{}", vocab.by_id[&l], vocab.by_id[&r]))
         .collect();
+    let looks_special = |t: &str| {
+        (t.starts_with('<') && t.ends_with('>')) || (t.starts_with('[') && t.ends_with(']'))
+    };
     let mut tokens = Vec::new();
     let mut specials = Vec::new();
+    let mut orphans: Vec<(&String, u32)> = Vec::new();
     for (text, id) in &vocab.entries {
         let id = *id;
         if text.chars().count() > 1 && !merged.contains(text) {
-            specials.push((text.clone(), id));
+            if looks_special(text) {
+                specials.push((text.clone(), id));
+            } else {
+                orphans.push((text, id));
+            }
         } else {
             tokens.push((byte_level_bytes(text, &vocab_loc)?, id));
         }
+    }
+    if let Some(&(text, id)) = orphans.iter().min_by_key(|(_, id)| *id) {
+        return Err(Error::format(
+            &merges_loc,
+            format!(
+                "vocabulary token {} (id {id}) is not made by any merge and is not a special token ({} such token(s) in {vocab_loc}); is this merges file truncated?",
+                quote(text),
+                orphans.len()
+            ),
+        ));
     }
     specials.sort_by_key(|(_, id)| *id);
     Ok(TokenizerParts {
         tokens,
         merge_rule: MergeRule::List(merges),
         specials,
-        pattern: resolve_pattern(pattern.unwrap_or("gpt2")).to_string(),
+        pattern: resolve_pattern(pattern.unwrap_or("gpt2"))?.to_string(),
+        split: SplitOptions::default(),
         whole_piece_first: false,
         add_prefix_space: false,
     })
@@ -222,13 +239,21 @@ fn parse_vocab_object(value: &Value, location: &str) -> Result<VocabEntries> {
             .ok_or_else(|| {
                 Error::format(
                     location,
-                    format!("token {token:?}: expected a non-negative integer id, found {id}"),
+                    format!(
+                        "token {}: expected a non-negative integer id, found {}",
+                        quote(token),
+                        cap(&id.to_string())
+                    ),
                 )
             })? as u32;
         if let Some(other) = by_id.insert(id, token.clone()) {
             return Err(Error::format(
                 location,
-                format!("id {id} is given to two tokens: {other:?} and {token:?}"),
+                format!(
+                    "id {id} is given to two tokens: {} and {}",
+                    quote(&other),
+                    quote(token)
+                ),
             ));
         }
         ids.insert(token.clone(), id);
@@ -245,7 +270,10 @@ fn lookup(vocab: &VocabEntries, token: &str, location: &str) -> Result<u32> {
     vocab.ids.get(token).copied().ok_or_else(|| {
         Error::format(
             location,
-            format!("merge refers to {token:?}, which is not in the vocabulary"),
+            format!(
+                "merge refers to {}, which is not in the vocabulary",
+                quote(token)
+            ),
         )
     })
 }
@@ -255,8 +283,9 @@ fn byte_level_bytes(token: &str, location: &str) -> Result<Vec<u8>> {
         Error::format(
             location,
             format!(
-                "token {token:?} contains {c:?} (U+{:04X}), which is not a byte-level BPE character; \
+                "token {} contains {c:?} (U+{:04X}), which is not a byte-level BPE character; \
                  ferrolm reads byte-level BPE vocabularies (GPT-2 / RoBERTa / Llama-3 style)",
+                quote(token),
                 c as u32
             ),
         )
@@ -279,7 +308,10 @@ fn field<'v>(value: &'v Value, name: &str, location: &str, at: &str) -> Result<&
 fn unsupported(location: &str, at: &str, found: &Value, expected: &str) -> Error {
     Error::format(
         location,
-        format!("field {at}: unsupported value {found}; ferrolm reads {expected}"),
+        format!(
+            "field {at}: unsupported value {}; ferrolm reads {expected}",
+            cap(&found.to_string())
+        ),
     )
 }
 
@@ -327,7 +359,8 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
             ));
         }
     }
-    let (pattern, add_prefix_space) = parse_hf_pre_tokenizer(root.get("pre_tokenizer"), location)?;
+    let (pattern, split, add_prefix_space) =
+        parse_hf_pre_tokenizer(root.get("pre_tokenizer"), location)?;
 
     let vocab = parse_vocab_object(
         field(model, "vocab", location, "model.")?,
@@ -345,7 +378,7 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
                 .split_once(' ')
                 .filter(|(_, r)| !r.contains(' '))
                 .ok_or_else(|| {
-                    Error::format(&at, format!("expected \"left right\", found {s:?}"))
+                    Error::format(&at, format!("expected \"left right\", found {}", quote(s)))
                 })?,
             Value::Array(pair) if pair.len() == 2 && pair.iter().all(Value::is_string) => (
                 pair[0].as_str().unwrap_or(""),
@@ -354,7 +387,10 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
             other => {
                 return Err(Error::format(
                     &at,
-                    format!("expected \"left right\" or [left, right], found {other}"),
+                    format!(
+                        "expected \"left right\" or [left, right], found {}",
+                        cap(&other.to_string())
+                    ),
                 ))
             }
         };
@@ -385,9 +421,15 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
     let special_texts: FxHashSet<&str> = specials.iter().map(|(t, _)| t.as_str()).collect();
     let mut tokens = Vec::with_capacity(vocab.entries.len());
     let vocab_location = format!("{location}: model.vocab");
+    let merged: FxHashSet<String> = merges
+        .iter()
+        .map(|&(l, r)| format!("{}{}", vocab.by_id[&l], vocab.by_id[&r]))
+        .collect();
     for (text, id) in &vocab.entries {
-        // Added tokens listed in the model vocabulary too (RoBERTa's <s>) are special only.
-        if !special_texts.contains(text.as_str()) {
+        // Added tokens listed in the model vocabulary too (RoBERTa's <s>) are special only, unless
+        // the vocabulary token is a byte or made by a merge: then it is ordinary as well.
+        let ordinary_too = text.chars().count() == 1 || merged.contains(text);
+        if ordinary_too || !special_texts.contains(text.as_str()) {
             tokens.push((byte_level_bytes(text, &vocab_location)?, *id));
         }
     }
@@ -400,15 +442,20 @@ pub fn parse_hf_json(text: &str, location: &str) -> Result<TokenizerParts> {
         merge_rule: MergeRule::List(merges),
         specials,
         pattern,
+        split,
         whole_piece_first,
         add_prefix_space,
     })
 }
 
-/// ByteLevel alone (with its own GPT-2 regex), or Split(regex) followed by ByteLevel(use_regex=false).
-fn parse_hf_pre_tokenizer(value: Option<&Value>, location: &str) -> Result<(String, bool)> {
+/// ByteLevel alone (with its own GPT-2 regex), or Split(pattern, behavior, invert) followed by
+/// ByteLevel(use_regex=false).
+fn parse_hf_pre_tokenizer(
+    value: Option<&Value>,
+    location: &str,
+) -> Result<(String, SplitOptions, bool)> {
     let expected =
-        "a ByteLevel pre-tokenizer, or a Sequence of Split (regex, Isolated) and ByteLevel";
+        "a ByteLevel pre-tokenizer, or a Sequence of Split and ByteLevel(use_regex=false)";
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Err(Error::format(
             location,
@@ -437,7 +484,11 @@ fn parse_hf_pre_tokenizer(value: Option<&Value>, location: &str) -> Result<(Stri
                     expected,
                 ));
             }
-            Ok((GPT2_CLASSIC_PATTERN.to_string(), prefix))
+            Ok((
+                GPT2_CLASSIC_PATTERN.to_string(),
+                SplitOptions::default(),
+                prefix,
+            ))
         }
         "Sequence" => {
             let steps = value
@@ -478,31 +529,63 @@ fn parse_hf_pre_tokenizer(value: Option<&Value>, location: &str) -> Result<(Stri
                     expected,
                 ));
             }
-            let behavior = split.get("behavior").and_then(Value::as_str).unwrap_or("");
-            let invert = split
-                .get("invert")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            if behavior != "Isolated" || invert {
-                return Err(unsupported(
+            if prefix {
+                // After a Split, Hugging Face puts the space before every piece, not before the
+                // text: a different tokenizer from ByteLevel(add_prefix_space) alone. Refused
+                // rather than encoded differently.
+                return Err(Error::format(
                     location,
-                    "pre_tokenizer.pretokenizers[0].behavior",
-                    &json!(behavior),
-                    expected,
+                    "field pre_tokenizer.pretokenizers[1].add_prefix_space: true after a Split \
+                     (a space before every piece) is not supported; ferrolm reads \
+                     add_prefix_space only on a ByteLevel pre-tokenizer alone",
                 ));
             }
+            let behavior = match split.get("behavior") {
+                Some(Value::String(b)) => SplitBehavior::from_hf(b),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                let names: Vec<&str> = SplitBehavior::ALL.iter().map(|b| b.as_hf()).collect();
+                Error::format(
+                    location,
+                    format!(
+                        "field pre_tokenizer.pretokenizers[0].behavior: expected one of {}, found {}",
+                        names.join(", "),
+                        cap(&split.get("behavior").map_or("nothing".into(), |v| v.to_string()))
+                    ),
+                )
+            })?;
+            let invert = match split.get("invert") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(Error::format(
+                        location,
+                        format!(
+                            "field pre_tokenizer.pretokenizers[0].invert: expected true or false, \
+                             found {}",
+                            cap(&other.to_string())
+                        ),
+                    ))
+                }
+            };
             let pattern = split.get("pattern");
-            let regex = match (
+            let (regex, literal) = match (
                 pattern.and_then(|p| p.get("Regex")).and_then(Value::as_str),
                 pattern.and_then(|p| p.get("String")).and_then(Value::as_str),
             ) {
-                (Some(r), _) => pattern_from_hf(r).to_string(),
-                (None, Some(s)) => escape_regex(s),
+                (Some(r), _) => (pattern_from_hf(r).to_string(), false),
+                (None, Some(s)) if !s.is_empty() => (s.to_string(), true),
                 _ => {
-                    return Err(Error::format(location, "field pre_tokenizer.pretokenizers[0].pattern: expected {\"Regex\": ...} or {\"String\": ...}"))
+                    return Err(Error::format(location, "field pre_tokenizer.pretokenizers[0].pattern: expected {\"Regex\": ...} or a non-empty {\"String\": ...}"))
                 }
             };
-            Ok((regex, prefix))
+            let options = SplitOptions {
+                behavior,
+                invert,
+                literal,
+            };
+            Ok((regex, options, false))
         }
         other => Err(unsupported(
             location,
@@ -511,19 +594,6 @@ fn parse_hf_pre_tokenizer(value: Option<&Value>, location: &str) -> Result<(Stri
             expected,
         )),
     }
-}
-
-fn escape_regex(literal: &str) -> String {
-    literal
-        .chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$#&-~".contains(c);
-            special
-                .then_some('\\')
-                .into_iter()
-                .chain(std::iter::once(c))
-        })
-        .collect()
 }
 
 /// A `tokenizer.json` that Hugging Face tokenizers loads and that encodes like `tokenizer`.
@@ -556,9 +626,32 @@ pub fn to_hf_json(tokenizer: &Tokenizer) -> Result<String> {
                    "rstrip": false, "normalized": false, "special": true})
         })
         .collect();
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": parts.add_prefix_space,
+    let byte_level = |add_prefix_space: bool, use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": add_prefix_space,
                "trim_offsets": true, "use_regex": use_regex})
+    };
+    let pretokenizer = tokenizer.pretokenizer();
+    let options = pretokenizer.options();
+    let pre_tokenizer = if parts.add_prefix_space {
+        // One space before the text, then the GPT-2 split: only ByteLevel alone says this (after a
+        // Split, Hugging Face would put a space before every piece).
+        if pretokenizer.name() != Some("gpt2") || options != SplitOptions::default() {
+            return Err(Error::invalid(
+                "a tokenizer with add_prefix_space and a pattern other than GPT-2's cannot be written as a Hugging Face tokenizer.json (ByteLevel's add_prefix_space comes with the GPT-2 pattern only)",
+            ));
+        }
+        byte_level(true, true)
+    } else {
+        let pattern = if options.literal {
+            json!({"String": pretokenizer.pattern()})
+        } else {
+            json!({"Regex": pattern_for_hf(pretokenizer.pattern())})
+        };
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": pattern, "behavior": options.behavior.as_hf(),
+             "invert": options.invert},
+            byte_level(false, false),
+        ]})
     };
     let root = json!({
         "version": "1.0",
@@ -566,13 +659,9 @@ pub fn to_hf_json(tokenizer: &Tokenizer) -> Result<String> {
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern_for_hf(tokenizer.pretokenizer().pattern())},
-             "behavior": "Isolated", "invert": false},
-            byte_level(false),
-        ]},
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
-        "decoder": byte_level(true),
+        "decoder": byte_level(parts.add_prefix_space, true),
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
@@ -587,25 +676,23 @@ pub fn to_hf_json(tokenizer: &Tokenizer) -> Result<String> {
 // ---------------------------------------------------------------------------------------------
 // tiktoken rank files
 
-/// The pattern and special tokens of tiktoken's published encodings, by file stem.
-fn known_encoding(stem: &str) -> Option<(&'static str, Vec<(String, u32)>)> {
+/// The special tokens of tiktoken's published encodings, by file stem (their patterns come from
+/// the one name table, `pretokenize::PATTERN_NAMES`).
+fn known_specials(stem: &str) -> Option<Vec<(String, u32)>> {
     let s = |t: &str, id| (t.to_string(), id);
     match stem {
-        "r50k_base" | "p50k_base" | "gpt2" => Some((GPT2_PATTERN, vec![s("<|endoftext|>", 50256)])),
-        "cl100k_base" => Some((
-            CL100K_PATTERN,
-            vec![
-                s("<|endoftext|>", 100257),
-                s("<|fim_prefix|>", 100258),
-                s("<|fim_middle|>", 100259),
-                s("<|fim_suffix|>", 100260),
-                s("<|endofprompt|>", 100276),
-            ],
-        )),
-        "o200k_base" => Some((
-            O200K_PATTERN,
-            vec![s("<|endoftext|>", 199999), s("<|endofprompt|>", 200018)],
-        )),
+        "r50k_base" | "p50k_base" | "gpt2" => Some(vec![s("<|endoftext|>", 50256)]),
+        "cl100k_base" => Some(vec![
+            s("<|endoftext|>", 100257),
+            s("<|fim_prefix|>", 100258),
+            s("<|fim_middle|>", 100259),
+            s("<|fim_suffix|>", 100260),
+            s("<|endofprompt|>", 100276),
+        ]),
+        "o200k_base" => Some(vec![
+            s("<|endoftext|>", 199999),
+            s("<|endofprompt|>", 200018),
+        ]),
         _ => None,
     }
 }
@@ -619,10 +706,10 @@ pub fn load_tiktoken(
 ) -> Result<TokenizerParts> {
     let location = path.display().to_string();
     let stem = file_name(path).trim_end_matches(".tiktoken").to_string();
-    let known = known_encoding(&stem);
+    let known = known_specials(&stem);
     let pattern = match (pattern, &known) {
-        (Some(p), _) => resolve_pattern(p).to_string(),
-        (None, Some((p, _))) => p.to_string(),
+        (Some(p), _) => resolve_pattern(p)?.to_string(),
+        (None, Some(_)) => resolve_pattern(&stem)?.to_string(),
         (None, None) => {
             return Err(Error::format(
                 &location,
@@ -631,9 +718,7 @@ pub fn load_tiktoken(
             ))
         }
     };
-    let specials = specials
-        .or_else(|| known.map(|(_, s)| s))
-        .unwrap_or_default();
+    let specials = specials.or(known).unwrap_or_default();
     let text = files::read_utf8(path)?;
     let tokens = parse_tiktoken(&text, &location)?;
     Ok(TokenizerParts {
@@ -641,6 +726,7 @@ pub fn load_tiktoken(
         merge_rule: MergeRule::Ranks,
         specials,
         pattern,
+        split: SplitOptions::default(),
         whole_piece_first: true,
         add_prefix_space: false,
     })
@@ -661,14 +747,20 @@ pub fn parse_tiktoken(text: &str, location: &str) -> Result<Vec<(Vec<u8>, u32)>>
         let (token, rank) = line.split_once(' ').ok_or_else(|| {
             Error::format(
                 &at,
-                format!("expected \"<base64 token> <rank>\", found {line:?}"),
+                format!("expected \"<base64 token> <rank>\", found {}", quote(line)),
             )
         })?;
-        let bytes = engine
-            .decode(token)
-            .map_err(|e| Error::format(&at, format!("token {token:?} is not valid base64: {e}")))?;
+        let bytes = engine.decode(token).map_err(|e| {
+            Error::format(
+                &at,
+                format!("token {} is not valid base64: {e}", quote(token)),
+            )
+        })?;
         let rank: u32 = rank.parse().ok().filter(|&r| r < u32::MAX).ok_or_else(|| {
-            Error::format(&at, format!("rank {rank:?} is not a non-negative integer"))
+            Error::format(
+                &at,
+                format!("rank {} is not a non-negative integer", quote(rank)),
+            )
         })?;
         if let Some(first) = seen_ranks.insert(rank, line_no) {
             return Err(Error::format(
@@ -679,7 +771,7 @@ pub fn parse_tiktoken(text: &str, location: &str) -> Result<Vec<(Vec<u8>, u32)>>
         if let Some(first) = seen_tokens.insert(bytes.clone(), line_no) {
             return Err(Error::format(
                 &at,
-                format!("duplicate token {token:?} (first on line {first})"),
+                format!("duplicate token {} (first on line {first})", quote(token)),
             ));
         }
         if bytes.is_empty() {

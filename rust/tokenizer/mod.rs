@@ -10,7 +10,7 @@ pub mod train;
 use crate::error::{Error, Result};
 use aho_corasick::{AhoCorasick, MatchKind};
 use encode::{BytePairEncoder, Merge};
-use pretokenize::PreTokenizer;
+use pretokenize::{PreTokenizer, SplitOptions};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex};
@@ -32,8 +32,12 @@ pub struct TokenizerParts {
     pub merge_rule: MergeRule,
     /// Special tokens (text, id), matched in raw text before pre-tokenization.
     pub specials: Vec<(String, u32)>,
-    /// The pre-tokenization regex (or a named built-in pattern).
+    /// The pre-tokenization regex (a literal string if `split.literal`). Never a name: names are
+    /// resolved where a user gives them (`pretokenize::resolve_pattern`).
     pub pattern: String,
+    /// What Hugging Face's `Split` does with the pattern's matches (default: `Isolated`, which
+    /// keeps all text).
+    pub split: SplitOptions,
     /// A piece that is itself a token becomes that token without merging (tiktoken always does
     /// this; Hugging Face does it when the file says `ignore_merges`).
     pub whole_piece_first: bool,
@@ -66,6 +70,9 @@ pub struct Tokenizer {
 
 const MISSING: (u32, u32) = (u32::MAX, u32::MAX);
 
+/// How far ids may run past the number of tokens (unused ids between them are allowed).
+pub const ID_SLACK: u64 = 1 << 20;
+
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
@@ -78,7 +85,7 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn new(parts: TokenizerParts) -> Result<Self> {
-        let pretokenizer = PreTokenizer::new(&parts.pattern)?;
+        let pretokenizer = PreTokenizer::from_pattern(&parts.pattern, parts.split)?;
 
         let mut ordinary_ids: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         ordinary_ids.reserve(parts.tokens.len());
@@ -112,9 +119,60 @@ impl Tokenizer {
             })?;
         }
 
+        // Ids index the decode table, so they must be near the number of tokens: one huge id in a
+        // small file must not size a huge table. Gaps are allowed (tiktoken's cl100k has a few
+        // unused ids before its specials), up to `ID_SLACK` of them.
+        let id_count = ordinary_ids.len() + parts.specials.len();
+        let id_limit = (id_count as u64 + ID_SLACK).min(u32::MAX as u64);
+        let named = parts
+            .tokens
+            .iter()
+            .map(|(bytes, id)| (describe_bytes(bytes), *id))
+            .chain(parts.specials.iter().map(|(text, id)| (quote(text), *id)));
+        for (token, id) in named {
+            if id as u64 >= id_limit {
+                return Err(Error::invalid(format!(
+                    "token {token} has id {id}, but this tokenizer has {id_count} tokens: ids must be below {id_limit} (the number of tokens + {ID_SLACK})"
+                )));
+            }
+        }
+        // A special token may share an id only with an ordinary token of the same text: its bytes,
+        // or its byte-level spelling (a tokenizer.json vocabulary entry, "Ġthe" or "é" for 0xe9).
+        for (text, id) in &parts.specials {
+            if let Some(bytes) = bytes_of.get(id) {
+                if *bytes != text.as_bytes() && bytelevel::encode_bytes(bytes) != *text {
+                    return Err(Error::invalid(format!(
+                        "special token {} has id {id}, which is already the ordinary token {}",
+                        quote(text),
+                        describe_bytes(bytes)
+                    )));
+                }
+            }
+        }
+
         let merges = match &parts.merge_rule {
             MergeRule::Ranks => merges_from_ranks(&parts.tokens, &ordinary_ids),
-            MergeRule::List(list) => merges_from_list(list, &bytes_of, &ordinary_ids)?,
+            MergeRule::List(list) => {
+                let merges = merges_from_list(list, &bytes_of, &ordinary_ids)?;
+                // Every multi-byte token must be made by a merge: one that none makes is what a
+                // truncated merge list leaves, and encoding would never produce it.
+                let made: rustc_hash::FxHashSet<u32> = merges.values().map(|m| m.merged).collect();
+                let mut orphans: Vec<&(Vec<u8>, u32)> = parts
+                    .tokens
+                    .iter()
+                    .filter(|(b, id)| b.len() > 1 && !made.contains(id))
+                    .collect();
+                if !orphans.is_empty() {
+                    orphans.sort_by_key(|(_, id)| *id);
+                    let (bytes, id) = orphans[0];
+                    return Err(Error::invalid(format!(
+                        "vocabulary token {} (id {id}) is not a special token and no merge makes it ({} such token(s)); is the merge list truncated?",
+                        describe_bytes(bytes),
+                        orphans.len()
+                    )));
+                }
+                merges
+            }
         };
         let whole_piece_first = parts.whole_piece_first || parts.merge_rule == MergeRule::Ranks;
 
@@ -125,9 +183,6 @@ impl Tokenizer {
             .chain(parts.specials.iter().map(|(_, id)| *id))
             .max()
             .unwrap_or(0);
-        if max_id == u32::MAX {
-            return Err(Error::invalid("token id 4294967295 is reserved"));
-        }
         let mut spans = vec![MISSING; max_id as usize + 1];
         let mut token_bytes = Vec::new();
         let mut push = |id: u32, bytes: &[u8]| {
@@ -146,7 +201,8 @@ impl Tokenizer {
             if let Some(other) = special_ids.insert(text.clone(), *id) {
                 if other != *id {
                     return Err(Error::invalid(format!(
-                        "special token {text:?} has two ids, {other} and {id}"
+                        "special token {} has two ids, {other} and {id}",
+                        quote(text)
                     )));
                 }
             }
@@ -180,6 +236,12 @@ impl Tokenizer {
 
     pub fn pretokenizer(&self) -> &PreTokenizer {
         &self.pretokenizer
+    }
+
+    /// Whether `decode(encode(text)) == text` for every text: false when the pre-tokenizer drops
+    /// text (a Hugging Face `Split` with behaviour `Removed`). Sharding refuses a lossy tokenizer.
+    pub fn is_lossless(&self) -> bool {
+        self.pretokenizer.is_lossless()
     }
 
     /// One more than the largest id (ordinary or special).
@@ -467,13 +529,42 @@ fn derive_merges_from_ranks(
     Ok(list)
 }
 
+/// Quoted text for an error message (Rust `{:?}` spelling), cut to about 200 characters so that a
+/// huge line or token does not become a huge message. With [`cap`], the one helper every tokenizer
+/// error uses for input text.
+pub fn quote(text: &str) -> String {
+    match cut_point(text) {
+        None => format!("{text:?}"),
+        Some(cut) => format!("{:?}... ({} bytes in all)", &text[..cut], text.len()),
+    }
+}
+
+/// Text already spelled for a message (a JSON value), cut like [`quote`] but not quoted again.
+pub fn cap(text: &str) -> String {
+    match cut_point(text) {
+        None => text.to_string(),
+        Some(cut) => format!("{}... ({} bytes in all)", &text[..cut], text.len()),
+    }
+}
+
+const QUOTE_CHARS: usize = 200;
+
+fn cut_point(text: &str) -> Option<usize> {
+    text.char_indices().nth(QUOTE_CHARS).map(|(cut, _)| cut)
+}
+
 /// A token's bytes for messages: the text if it is UTF-8, else its byte-level spelling.
 pub fn describe_bytes(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
-        Ok(s) => format!("{s:?}"),
+        Ok(s) => quote(s),
+        Err(_) if bytes.len() > 64 => format!(
+            "{} (not UTF-8, {} bytes)",
+            quote(&bytelevel::encode_bytes(bytes)),
+            bytes.len()
+        ),
         Err(_) => format!(
-            "{:?} (bytes {:02x?})",
-            bytelevel::encode_bytes(bytes),
+            "{} (bytes {:02x?})",
+            quote(&bytelevel::encode_bytes(bytes)),
             bytes
         ),
     }

@@ -76,12 +76,105 @@ pub const GPT2_CLASSIC_PATTERN: &str =
 /// followed by other whitespace (`" \n "` at the end: one piece there, `" \n"` + `" "` here).
 pub const CL100K_CLASSIC_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Every pattern name, in one table: what training, encoding, loading (tiktoken's encodings
+/// included) and saving resolve names with. Several names share a pattern.
+pub const PATTERN_NAMES: &[(&str, &str)] = &[
+    ("gpt2", GPT2_PATTERN),
+    ("r50k_base", GPT2_PATTERN),
+    ("p50k_base", GPT2_PATTERN),
+    ("p50k_edit", GPT2_PATTERN),
+    ("cl100k", CL100K_PATTERN),
+    ("cl100k_base", CL100K_PATTERN),
+    ("cl100k_classic", CL100K_CLASSIC_PATTERN),
+    ("o200k", O200K_PATTERN),
+    ("o200k_base", O200K_PATTERN),
+];
+
+/// The one resolver of a user's pattern argument: a name from [`PATTERN_NAMES`] gives its pattern;
+/// a bare word (letters, digits, `_`, `-`) that is not a name is an error listing the names (a typo,
+/// not a regex); anything else is a regex, returned as is.
+pub fn resolve_pattern(name_or_regex: &str) -> Result<&str> {
+    if name_or_regex.is_empty() {
+        return Err(Error::invalid("the pre-tokenizer pattern is empty"));
+    }
+    if let Some((_, pattern)) = PATTERN_NAMES.iter().find(|(n, _)| *n == name_or_regex) {
+        return Ok(pattern);
+    }
+    let bare_word = name_or_regex
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare_word {
+        let names: Vec<&str> = PATTERN_NAMES.iter().map(|(n, _)| *n).collect();
+        return Err(Error::invalid(format!(
+            "unknown pattern name {}: the known names are {}; anything else must be a regular \
+             expression",
+            super::quote(name_or_regex),
+            names.join(", ")
+        )));
+    }
+    Ok(name_or_regex)
+}
+
+/// What Hugging Face's `Split` pre-tokenizer does with the pattern's matches
+/// (`SplitDelimiterBehavior`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitBehavior {
+    /// Matches are dropped (the only behaviour that loses text).
+    Removed,
+    /// Matches and the text between them are separate pieces.
+    #[default]
+    Isolated,
+    /// Each match is joined to the piece before it.
+    MergedWithPrevious,
+    /// Each match is joined to the piece after it.
+    MergedWithNext,
+    /// Consecutive matches (and consecutive non-matches) form one piece.
+    Contiguous,
+}
+
+impl SplitBehavior {
+    pub const ALL: [SplitBehavior; 5] = [
+        SplitBehavior::Removed,
+        SplitBehavior::Isolated,
+        SplitBehavior::MergedWithPrevious,
+        SplitBehavior::MergedWithNext,
+        SplitBehavior::Contiguous,
+    ];
+
+    /// The spelling in a tokenizer.json.
+    pub fn as_hf(self) -> &'static str {
+        match self {
+            SplitBehavior::Removed => "Removed",
+            SplitBehavior::Isolated => "Isolated",
+            SplitBehavior::MergedWithPrevious => "MergedWithPrevious",
+            SplitBehavior::MergedWithNext => "MergedWithNext",
+            SplitBehavior::Contiguous => "Contiguous",
+        }
+    }
+
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.as_hf() == name)
+    }
+}
+
+/// How the pattern's matches become pieces (Hugging Face's `Split` options). The default,
+/// `Isolated` and not inverted, keeps every byte of the text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplitOptions {
+    pub behavior: SplitBehavior,
+    /// Matches become non-matches and the other way round, before `behavior` applies.
+    pub invert: bool,
+    /// The pattern is a literal string (`{"String": ...}`), not a regex.
+    pub literal: bool,
+}
+
 /// Splits text into pre-tokens, with a hand-written scanner for the known patterns and fancy-regex
 /// for any other.
 #[derive(Clone)]
 pub struct PreTokenizer {
     pattern: Cow<'static, str>,
     kind: Kind,
+    options: SplitOptions,
 }
 
 #[derive(Clone)]
@@ -98,49 +191,83 @@ impl fmt::Debug for PreTokenizer {
         f.debug_struct("PreTokenizer")
             .field("name", &self.name())
             .field("pattern", &self.pattern)
+            .field("options", &self.options)
             .finish()
     }
 }
 
 impl PreTokenizer {
-    /// A name (`gpt2`, `r50k_base`, `p50k_base`, `cl100k`, `cl100k_base`, `cl100k_classic`, `o200k`,
-    /// `o200k_base`) or a regex string. A string equal to a known pattern (or to a spelling proven
-    /// equivalent by the tests) gets the fast scanner; anything else is compiled with fancy-regex.
+    /// A name from [`PATTERN_NAMES`] or a regex string (see [`resolve_pattern`]), with Hugging
+    /// Face's default split (`Isolated`): the pieces concatenate back to the text.
     pub fn new(name_or_pattern: &str) -> Result<Self> {
-        let (pattern, kind) = match name_or_pattern {
-            "gpt2" | "r50k_base" | "p50k_base" | GPT2_PATTERN => (GPT2_PATTERN, Kind::Gpt2),
-            GPT2_CLASSIC_PATTERN => (GPT2_CLASSIC_PATTERN, Kind::Gpt2),
-            "cl100k" | "cl100k_base" | CL100K_PATTERN => (CL100K_PATTERN, Kind::Cl100k),
-            CL100K_HF_PATTERN => (CL100K_HF_PATTERN, Kind::Cl100k),
-            "cl100k_classic" | CL100K_CLASSIC_PATTERN => {
-                (CL100K_CLASSIC_PATTERN, Kind::Cl100kClassic)
-            }
-            "o200k" | "o200k_base" | O200K_PATTERN => (O200K_PATTERN, Kind::O200k),
-            _ => return Self::with_regex(name_or_pattern),
-        };
-        Ok(PreTokenizer {
-            pattern: Cow::Borrowed(pattern),
-            kind,
-        })
+        Self::from_pattern(resolve_pattern(name_or_pattern)?, SplitOptions::default())
     }
 
-    /// Always the general regex engine (fancy-regex), whatever the pattern.
+    /// A regex (never a name: a file's pattern is taken literally as a regex) or, with
+    /// `options.literal`, a literal string. A regex equal to a known pattern (or to a spelling proven
+    /// equivalent by the tests) gets the fast scanner; anything else is compiled with fancy-regex.
+    pub fn from_pattern(pattern: &str, options: SplitOptions) -> Result<Self> {
+        let known = match pattern {
+            _ if options.literal => None,
+            GPT2_PATTERN => Some((GPT2_PATTERN, Kind::Gpt2)),
+            GPT2_CLASSIC_PATTERN => Some((GPT2_CLASSIC_PATTERN, Kind::Gpt2)),
+            CL100K_PATTERN => Some((CL100K_PATTERN, Kind::Cl100k)),
+            CL100K_HF_PATTERN => Some((CL100K_HF_PATTERN, Kind::Cl100k)),
+            CL100K_CLASSIC_PATTERN => Some((CL100K_CLASSIC_PATTERN, Kind::Cl100kClassic)),
+            O200K_PATTERN => Some((O200K_PATTERN, Kind::O200k)),
+            _ => None,
+        };
+        if let Some((pattern, kind)) = known {
+            return Ok(PreTokenizer {
+                pattern: Cow::Borrowed(pattern),
+                kind,
+                options,
+            });
+        }
+        if pattern.is_empty() {
+            return Err(Error::invalid("the pre-tokenizer pattern is empty"));
+        }
+        let regex = if options.literal {
+            fancy_regex::escape(pattern).into_owned()
+        } else {
+            pattern.to_owned()
+        };
+        let mut out = Self::with_regex(&regex)?;
+        out.pattern = Cow::Owned(pattern.to_owned());
+        out.options = options;
+        Ok(out)
+    }
+
+    /// Always the general regex engine (fancy-regex), whatever the pattern; `Isolated`.
     pub fn with_regex(pattern: &str) -> Result<Self> {
         if pattern.is_empty() {
             return Err(Error::invalid("the pre-tokenizer pattern is empty"));
         }
         let regex = fancy_regex::Regex::new(pattern).map_err(|e| {
-            Error::invalid(format!("invalid pre-tokenizer pattern {pattern:?}: {e}"))
+            Error::invalid(format!(
+                "invalid pre-tokenizer pattern {}: {e}",
+                super::quote(pattern)
+            ))
         })?;
         Ok(PreTokenizer {
             pattern: Cow::Owned(pattern.to_owned()),
             kind: Kind::Regex(Arc::new(regex)),
+            options: SplitOptions::default(),
         })
     }
 
-    /// The regex string this pre-tokenizer implements.
+    /// The regex string this pre-tokenizer implements (the literal string if `options().literal`).
     pub fn pattern(&self) -> &str {
         &self.pattern
+    }
+
+    pub fn options(&self) -> SplitOptions {
+        self.options
+    }
+
+    /// Whether the pieces always concatenate back to the text (every behaviour but `Removed`).
+    pub fn is_lossless(&self) -> bool {
+        self.options.behavior != SplitBehavior::Removed
     }
 
     /// `gpt2`, `cl100k`, `cl100k_classic` or `o200k` for a fast scanner, `None` for a custom regex.
@@ -154,18 +281,87 @@ impl PreTokenizer {
         }
     }
 
-    /// Calls `f` with every piece, in order. The known patterns cover all text, so their pieces
-    /// concatenate back to `text`. A custom regex skips unmatched text exactly as `find_iter` does;
-    /// empty matches are not passed on. Only a custom regex can fail (e.g. its backtracking limit).
-    pub fn split<'t, F: FnMut(&'t str)>(&self, text: &'t str, f: F) -> Result<()> {
+    /// Calls `f` with every non-empty piece, in order, exactly as Hugging Face's `Split` makes them:
+    /// the matches and the text between them, inverted if asked, then joined or dropped by the
+    /// behaviour. Unless the behaviour is `Removed`, the pieces concatenate back to `text`. Only a
+    /// custom regex can fail (e.g. its backtracking limit).
+    pub fn split<'t, F: FnMut(&'t str)>(&self, text: &'t str, mut f: F) -> Result<()> {
+        let plain = self.options.behavior == SplitBehavior::Isolated;
+        match &self.kind {
+            // The known patterns match every character: every piece is a match, no gaps.
+            _ if plain && !matches!(self.kind, Kind::Regex(_)) => self.scan(text, f),
+            Kind::Regex(re) if plain => {
+                // Isolated: matches and gaps alike are pieces (invert changes nothing).
+                let mut covered = 0;
+                for_each_match(re, &self.pattern, text, |start, end| {
+                    if start > covered {
+                        f(&text[covered..start]);
+                    }
+                    if end > start {
+                        f(&text[start..end]);
+                    }
+                    covered = end;
+                })?;
+                if covered < text.len() {
+                    f(&text[covered..]);
+                }
+            }
+            _ => {
+                for (start, end) in self.split_spans(text)? {
+                    if end > start {
+                        f(&text[start..end]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan<'t, F: FnMut(&'t str)>(&self, text: &'t str, f: F) {
         match &self.kind {
             Kind::Gpt2 => scan(text, f, gpt2_piece),
             Kind::Cl100k => scan(text, f, |t, s, p| cl100k_piece(t, s, p, false)),
             Kind::Cl100kClassic => scan(text, f, |t, s, p| cl100k_piece(t, s, p, true)),
             Kind::O200k => scan(text, f, o200k_piece),
-            Kind::Regex(re) => return split_regex(re, &self.pattern, text, f),
+            Kind::Regex(_) => unreachable!("scan is only called for the scanners"),
         }
-        Ok(())
+    }
+
+    /// Hugging Face's `Pattern::find_matches` then `NormalizedString::split`: the kept byte
+    /// ranges (some may be empty), in order.
+    fn split_spans(&self, text: &str) -> Result<Vec<(usize, usize)>> {
+        // (start, end, is_match), covering the whole text; empty text is one empty non-match.
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut spans: Vec<(usize, usize, bool)> = Vec::new();
+        let mut covered = 0;
+        let mut push = |start: usize, end: usize| {
+            if start > covered {
+                spans.push((covered, start, false));
+            }
+            spans.push((start, end, true));
+            covered = end;
+        };
+        match &self.kind {
+            Kind::Regex(re) => for_each_match(re, &self.pattern, text, &mut push)?,
+            _ => {
+                let base = text.as_ptr() as usize;
+                self.scan(text, |piece: &str| {
+                    let start = piece.as_ptr() as usize - base;
+                    push(start, start + piece.len())
+                })
+            }
+        }
+        if covered < text.len() {
+            spans.push((covered, text.len(), false));
+        }
+        if self.options.invert {
+            for s in &mut spans {
+                s.2 = !s.2;
+            }
+        }
+        Ok(apply_behavior(&spans, self.options.behavior))
     }
 
     /// The pieces of `text`, collected (see [`PreTokenizer::split`]).
@@ -176,20 +372,65 @@ impl PreTokenizer {
     }
 }
 
-fn split_regex<'t, F: FnMut(&'t str)>(
+/// `NormalizedString::split`'s behaviours on (start, end, is_match) spans: the kept ranges.
+fn apply_behavior(spans: &[(usize, usize, bool)], behavior: SplitBehavior) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(spans.len());
+    match behavior {
+        SplitBehavior::Isolated => out.extend(spans.iter().map(|&(s, e, _)| (s, e))),
+        SplitBehavior::Removed => out.extend(
+            spans
+                .iter()
+                .filter(|&&(_, _, m)| !m)
+                .map(|&(s, e, _)| (s, e)),
+        ),
+        SplitBehavior::MergedWithPrevious => {
+            let mut previous_match = false;
+            for &(s, e, m) in spans {
+                match out.last_mut() {
+                    Some(last) if m && !previous_match => last.1 = e,
+                    _ => out.push((s, e)),
+                }
+                previous_match = m;
+            }
+        }
+        SplitBehavior::MergedWithNext => {
+            let mut previous_match = false;
+            for &(s, e, m) in spans.iter().rev() {
+                match out.last_mut() {
+                    Some(last) if m && !previous_match => last.0 = s,
+                    _ => out.push((s, e)),
+                }
+                previous_match = m;
+            }
+            out.reverse();
+        }
+        SplitBehavior::Contiguous => {
+            let mut previous_match = false;
+            for &(s, e, m) in spans {
+                match out.last_mut() {
+                    Some(last) if m == previous_match => last.1 = e,
+                    _ => out.push((s, e)),
+                }
+                previous_match = m;
+            }
+        }
+    }
+    out
+}
+
+/// Every match of `re` in `text` as (start, end), empty matches included.
+fn for_each_match(
     re: &fancy_regex::Regex,
     pattern: &str,
-    text: &'t str,
-    mut f: F,
+    text: &str,
+    mut f: impl FnMut(usize, usize),
 ) -> Result<()> {
     for m in re.find_iter(text) {
         let m = m.map_err(|e| Error::Regex {
             pattern: pattern.to_owned(),
             message: e.to_string(),
         })?;
-        if !m.as_str().is_empty() {
-            f(m.as_str());
-        }
+        f(m.start(), m.end());
     }
     Ok(())
 }
@@ -1137,11 +1378,103 @@ mod tests {
 
     #[test]
     fn custom_regex_semantics() {
+        // Isolated (the default): the text between matches is a piece too; nothing is dropped.
         let p = PreTokenizer::new(r"\d+").unwrap();
-        assert_eq!(p.pieces("a12b345c").unwrap(), ["12", "345"]);
+        assert_eq!(p.pieces("a12b345c").unwrap(), ["a", "12", "b", "345", "c"]);
         // Empty matches are not passed on.
         let p = PreTokenizer::new(r"\d*").unwrap();
-        assert_eq!(p.pieces("a12b").unwrap(), ["12"]);
+        assert_eq!(p.pieces("a12b").unwrap(), ["a", "12", "b"]);
+    }
+
+    fn with(pattern: &str, behavior: SplitBehavior, invert: bool, literal: bool) -> PreTokenizer {
+        let options = SplitOptions {
+            behavior,
+            invert,
+            literal,
+        };
+        PreTokenizer::from_pattern(pattern, options).unwrap()
+    }
+
+    /// The pieces Hugging Face's `Split` gives (checked by hand against `tokenizers`).
+    #[test]
+    fn split_behaviours() {
+        use SplitBehavior::*;
+        let text = "hello world, this";
+        let cases: [(SplitBehavior, bool, &[&str]); 10] = [
+            (Removed, false, &["hello", "world,", "this"]),
+            (Isolated, false, &["hello", " ", "world,", " ", "this"]),
+            (MergedWithPrevious, false, &["hello ", "world, ", "this"]),
+            (MergedWithNext, false, &["hello", " world,", " this"]),
+            (Contiguous, false, &["hello", " ", "world,", " ", "this"]),
+            (Removed, true, &[" ", " "]),
+            (Isolated, true, &["hello", " ", "world,", " ", "this"]),
+            (MergedWithPrevious, true, &["hello", " world,", " this"]),
+            (MergedWithNext, true, &["hello ", "world, ", "this"]),
+            (Contiguous, true, &["hello", " ", "world,", " ", "this"]),
+        ];
+        for (behavior, invert, want) in cases {
+            let p = with(" ", behavior, invert, true);
+            assert_eq!(
+                p.pieces(text).unwrap(),
+                want,
+                "{behavior:?} invert={invert}"
+            );
+            assert_eq!(p.is_lossless(), behavior != Removed);
+        }
+        // Contiguous joins runs of matches: "  " is one piece.
+        let p = with(" ", Contiguous, false, true);
+        assert_eq!(p.pieces("a  b").unwrap(), ["a", "  ", "b"]);
+        // A literal is not a regex.
+        let p = with(".", Removed, false, true);
+        assert_eq!(p.pieces("a.b c").unwrap(), ["a", "b c"]);
+        assert!(p.pieces("").unwrap().is_empty());
+        // A known pattern with another behaviour goes through the same rules.
+        let p = with(GPT2_PATTERN, Removed, false, false);
+        assert!(p.pieces("a b").unwrap().is_empty());
+        let p = with(GPT2_PATTERN, Removed, true, false);
+        assert_eq!(p.pieces("a b").unwrap(), ["a", " b"]);
+    }
+
+    #[test]
+    fn pattern_names_resolve_in_one_place() {
+        for (name, pattern) in PATTERN_NAMES {
+            assert_eq!(resolve_pattern(name).unwrap(), *pattern);
+            assert_eq!(PreTokenizer::new(name).unwrap().pattern(), *pattern);
+        }
+        assert_eq!(PreTokenizer::new("p50k_edit").unwrap().name(), Some("gpt2"));
+        for typo in ["p50k_typo", "cl100k-base", "gpt3"] {
+            let e = resolve_pattern(typo).unwrap_err().to_string();
+            assert!(
+                e.contains("unknown pattern name") && e.contains("cl100k_classic"),
+                "{e}"
+            );
+        }
+        assert_eq!(resolve_pattern(r"\w+").unwrap(), r"\w+");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases(256)))]
+        /// Every behaviour but Removed keeps all text: the pieces concatenate back to it.
+        #[test]
+        fn keeping_behaviours_concatenate_to_the_text(
+            t in prop_oneof![text(20), "[ a-c,.]{0,30}".prop_map(String::from)],
+            which in 0usize..6,
+            b in 0usize..5,
+            invert in any::<bool>(),
+        ) {
+            let (pattern, literal) = [
+                (" ", true), (",", true), (r"[a-z]+", false), (r"\s+", false), ("gpt2", false),
+                (r"\d*", false),
+            ][which];
+            let pattern = if pattern == "gpt2" { GPT2_PATTERN } else { pattern };
+            let behavior = SplitBehavior::ALL[b];
+            let p = with(pattern, behavior, invert, literal);
+            let pieces = p.pieces(&t).unwrap();
+            prop_assert!(pieces.iter().all(|piece| !piece.is_empty()));
+            if behavior != SplitBehavior::Removed {
+                prop_assert_eq!(pieces.concat(), t);
+            }
+        }
     }
 
     #[test]

@@ -48,8 +48,8 @@
 
 use crate::corpus::{self, InputFormat, ReadOptions, Utf8Report};
 use crate::error::{Error, Result};
-use crate::tokenizer::pretokenize::PreTokenizer;
-use crate::tokenizer::{bytelevel, formats, MergeRule, TokenizerParts};
+use crate::tokenizer::pretokenize::{self, PreTokenizer};
+use crate::tokenizer::{bytelevel, MergeRule, TokenizerParts};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use std::collections::BinaryHeap;
@@ -146,23 +146,6 @@ pub struct TrainStats {
 pub struct Trained {
     pub parts: TokenizerParts,
     pub stats: TrainStats,
-}
-
-/// Checks a pattern argument: a bare word that is not a known name is a typo, not a regex.
-pub fn check_pattern(pattern: &str) -> Result<()> {
-    if pattern.is_empty() {
-        return Err(Error::invalid("the pattern is empty"));
-    }
-    let bare_word = pattern
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if bare_word && formats::resolve_pattern(pattern) == pattern {
-        return Err(Error::invalid(format!(
-            "unknown pattern name {pattern:?}: use \"gpt2\", \"cl100k\" or \"o200k\" (or tiktoken's \
-             names r50k_base, p50k_base, cl100k_base, o200k_base), or a regular expression"
-        )));
-    }
-    Ok(())
 }
 
 // =============================================================================================
@@ -517,7 +500,6 @@ pub struct ChunkCounter {
 
 impl ChunkCounter {
     pub fn new(pattern: &str, num_threads: Option<usize>, show_progress: bool) -> Result<Self> {
-        check_pattern(pattern)?;
         Ok(ChunkCounter {
             pretokenizer: PreTokenizer::new(pattern)?,
             num_threads,
@@ -600,7 +582,8 @@ impl ChunkCounter {
                     path.display()
                 )));
             }
-            std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // A FIFO or device would block or never end: refused before any reading starts.
+            crate::files::open_regular(path)?;
             total += meta.len();
             formats.push((format, meta.len()));
         }
@@ -840,34 +823,14 @@ enum Job {
     Data(u64, Vec<u8>),
 }
 
-/// Splits one sequence into chunks (matches and, as in HF's "isolated" split, the text between
-/// them) and counts them. Returns the number of chunks.
+/// Splits one sequence into chunks (the pre-tokenizer's pieces: matches and, as in HF's
+/// "isolated" split, the text between them) and counts them. Returns the number of chunks.
 fn count_text(pretokenizer: &PreTokenizer, text: &str, map: &mut ChunkMap) -> Result<u64> {
     let mut n = 0u64;
-    let mut add = |piece: &str| {
-        if piece.is_empty() {
-            return;
-        }
+    pretokenizer.split(text, |piece: &str| {
         n += 1;
         map.add(piece.as_bytes());
-    };
-    let base = text.as_ptr() as usize;
-    let end = base + text.len();
-    let mut covered = 0usize;
-    pretokenizer.split(text, |piece: &str| {
-        let at = piece.as_ptr() as usize;
-        if at >= base && at + piece.len() <= end {
-            let start = at - base;
-            if start > covered {
-                add(&text[covered..start]);
-            }
-            covered = covered.max(start + piece.len());
-        }
-        add(piece);
     })?;
-    if covered < text.len() {
-        add(&text[covered..]);
-    }
     Ok(n)
 }
 
@@ -1140,7 +1103,7 @@ pub fn train_counts(
     stop: StopFn,
     progress: &Progress,
 ) -> Result<Trained> {
-    check_pattern(&options.pattern)?;
+    pretokenize::resolve_pattern(&options.pattern)?;
     let vocab = Vocab::new(&options.special_tokens)?;
     let base_size = vocab.len();
     if options.vocab_size < base_size {
@@ -1389,7 +1352,8 @@ fn train_pieces(
         tokens,
         merge_rule: MergeRule::List(merge_list),
         specials: vocab.specials.clone(),
-        pattern: formats::resolve_pattern(&options.pattern).to_string(),
+        pattern: pretokenize::resolve_pattern(&options.pattern)?.to_string(),
+        split: pretokenize::SplitOptions::default(),
         whole_piece_first: false,
         add_prefix_space: false,
     };
