@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import pickle
@@ -490,3 +491,58 @@ def test_errors_are_value_errors():
 def test_import_does_not_import_torch():
     code = "import sys, ferrolm; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths: the word cache, zero-copy str arguments, short texts without a GIL release, and the
+# flat batch buffer must all give exactly the ids of the plain path (tiktoken's).
+
+texts_with_surrogates = st.lists(
+    st.text(alphabet=st.characters(blacklist_categories=()), max_size=1500)
+    | st.text(alphabet="ab \n\ud800\udfff", max_size=40),
+    max_size=12,
+)
+
+
+@PROPERTY
+@given(texts=texts_with_surrogates)
+def test_every_encode_path_gives_the_same_ids(trained, texts):
+    _, _, ours, tk = trained["cl100k"]
+    expected = [tk.encode_ordinary(t) for t in texts]
+    assert [ours.encode_ordinary(t) for t in texts] == expected
+    assert [ours.encode(t, disallowed_special=()) for t in texts] == expected
+    assert [ours.encode_to_numpy(t, disallowed_special=()).tolist() for t in texts] == expected
+    for threads in (1, 2):
+        assert ours.encode_ordinary_batch(texts, num_threads=threads) == expected
+        assert ours.encode_batch(tuple(texts), disallowed_special=(), num_threads=threads) == expected
+        tokens, offsets = ours.encode_batch_numpy(iter(texts), disallowed_special=(), num_threads=threads)
+        assert offsets.tolist() == [0, *itertools.accumulate(len(e) for e in expected)]
+        assert tokens.tolist() == [i for e in expected for i in e]
+
+
+def test_word_caches_of_two_tokenizers_on_one_thread_never_mix(trained, training_corpus):
+    """Both vocabularies see the same words in turn, many times: each keeps its own ids."""
+    pairs = [(trained[p][2], trained[p][3]) for p in PATTERNS]
+    words = " ".join(training_corpus[:400]).split()[:4000]
+    for _ in range(3):
+        for ours, tk in pairs:
+            assert [ours.encode_ordinary(" " + w) for w in words] == [
+                tk.encode_ordinary(" " + w) for w in words
+            ]
+
+
+def test_special_arguments_are_resolved_the_same_when_cached(trained):
+    ours = trained["cl100k"][0]
+    text = "a <|endoftext|> b <|fim|>"
+    for _ in range(2):  # the second round is served from the cache of resolved arguments
+        with pytest.raises(ferrolm.DisallowedSpecialTokenError):
+            ours.encode(text)
+        assert ours.encode(text, allowed_special="all")[-1] == ours.special_tokens["<|fim|>"]
+        assert (
+            ours.encode(text, allowed_special={"<|fim|>"}, disallowed_special=()).count(
+                ours.special_tokens["<|fim|>"]
+            )
+            == 1
+        )
+        with pytest.raises(ferrolm.FerrolmError, match="not a special token"):
+            ours.encode(text, allowed_special=frozenset({"<|nope|>"}))

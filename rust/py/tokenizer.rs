@@ -233,6 +233,9 @@ impl CoreTokenizer {
         num_threads: Option<i64>,
     ) -> PyResult<TokensAndOffsets<'py>> {
         let policy = policy(allowed, disallowed);
+        let num_threads = num_threads
+            .map(|n| crate::pool::check_num_threads(n, "num_threads"))
+            .transpose()?;
         let mut flat = Vec::new();
         let mut offsets = vec![0i64];
         for range in chunk_ranges(&texts) {
