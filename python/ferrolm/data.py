@@ -120,7 +120,8 @@ def expand_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[st
         path = Path(text)
         if path.is_dir():
             found.update(p for p in path.rglob("*") if p.is_file() and _is_input(p))
-        elif path.is_file():
+        elif path.is_file() or path.exists():
+            # Not a regular file (a FIFO, a device): the core's reader refuses it by name.
             found.add(path)
         elif glob.has_magic(text):
             matches = [Path(p) for p in glob.glob(text, recursive=True)]

@@ -883,6 +883,18 @@ impl Cursor {
         }
         let expected = dataset.schedule.counts_before(position.global);
         for (s, (p, want)) in position.sources.iter().zip(&expected).enumerate() {
+            // Concat epochs all hold `windows` rows, so the epoch is known from where it began;
+            // a best-fit epoch holds at least one row.
+            let epoch_ok = match dataset.rows_per_epoch(s) {
+                Some(windows) => p.epoch.checked_mul(windows) == Some(p.epoch_start),
+                None => p.epoch <= p.epoch_start && (p.epoch == 0) == (p.epoch_start == 0),
+            };
+            if !epoch_ok {
+                return Err(Error::invalid(format!(
+                    "inconsistent loader state: source {s} is in epoch {} from row {}, which no run of this data reaches (tampered epochs?)",
+                    p.epoch, p.epoch_start
+                )));
+            }
             if p.rows != *want || p.epoch_start > p.rows {
                 return Err(Error::invalid(format!(
                     "inconsistent loader state: source {s} has consumed {} rows (epoch {} from row {}), but position {} implies {want}",
