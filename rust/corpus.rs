@@ -27,7 +27,6 @@
 use crate::error::{Error, Result};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use std::borrow::Cow;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -166,7 +165,7 @@ pub fn plan_ranges(len: u64, block: u64) -> Vec<(u64, u64)> {
 /// past `end`). Returns the offset of the first returned line and the bytes.
 pub fn read_range(path: &Path, start: u64, end: u64) -> Result<(u64, Vec<u8>)> {
     let io = |e| Error::io(path, e);
-    let file = File::open(path).map_err(io)?;
+    let file = crate::files::open_regular(path)?;
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let mut first = start;
     if start > 0 {
@@ -207,7 +206,8 @@ impl LineBlocks {
     /// `block`: the approximate size of each block of decompressed bytes.
     pub fn open(path: &Path, block: usize) -> Result<Self> {
         let format = detect_format(path)?;
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // FIFOs and devices would block or never end: refused before reading.
+        let file = crate::files::open_regular(path)?;
         let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let raw = SharedCount {
             inner: file,
@@ -293,7 +293,7 @@ impl LineBlocks {
 }
 
 struct SharedCount {
-    inner: File,
+    inner: std::fs::File,
     counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -382,7 +382,7 @@ pub fn location(path: &Path, format: InputFormat, offset: u64) -> String {
 /// The 1-based line number of the line that starts at `offset`; only used for error messages,
 /// so it re-reads the file.
 pub fn line_number_at(path: &Path, format: InputFormat, offset: u64) -> Option<u64> {
-    let file = File::open(path).ok()?;
+    let file = crate::files::open_regular(path).ok()?;
     let mut reader: Box<dyn Read> = match format.compression {
         Compression::None => Box::new(file),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file).ok()?),

@@ -49,17 +49,15 @@ class Manifest:
     data: dict[str, Any]
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> Manifest:
+    def load(cls, directory: str | os.PathLike[str], *, verify_files: bool = False) -> Manifest:
+        """Read ``manifest.json``, validated by the core (format version, vocabulary size against
+        the dtype, special ids, plain file names listed once, totals); ``verify_files`` also checks
+        every shard's size and sha256."""
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.exists():
             raise FileNotFoundError(f"{path}: no manifest (not a shard directory, or an unfinished run)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise FerrolmError(f"{path}: not valid JSON: {error}") from None
-        if data.get("format") != "ferrolm-shards":
-            raise FerrolmError(f"{path}: not a ferrolm shard manifest (format={data.get('format')!r})")
+        data = json.loads(CoreShardWriter.read_manifest(os.fspath(directory), verify_files=verify_files))
         return cls(directory, data)
 
     @property
@@ -122,7 +120,8 @@ def expand_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[st
         path = Path(text)
         if path.is_dir():
             found.update(p for p in path.rglob("*") if p.is_file() and _is_input(p))
-        elif path.is_file():
+        elif path.is_file() or path.exists():
+            # Not a regular file (a FIFO, a device): the core's reader refuses it by name.
             found.add(path)
         elif glob.has_magic(text):
             matches = [Path(p) for p in glob.glob(text, recursive=True)]
@@ -239,6 +238,7 @@ def shard_corpus(
     records, done_bytes = [], 0
     for path in files:
         if _is_parquet(path):
+            writer.begin_file(os.fspath(path))
             documents, size = _add_parquet(writer, path, text_field, on_bad_line)
         else:
             documents, size = writer.add_file(
@@ -288,8 +288,10 @@ def merge_shards(part_dirs: Sequence[str | os.PathLike[str]], output_dir: str | 
     """Join the shard directories of ``shard_corpus(..., num_parts=N, part=i)`` runs into one.
 
     Shards are hard-linked (copied across file systems) into ``output_dir`` in part order and
-    renumbered; the joined manifest is written last."""
-    parts = [Manifest.load(d) for d in part_dirs]
+    renumbered; the joined manifest is written last. Every part is validated first (file names
+    inside its directory, sizes and sha256 of every shard): nothing is linked from a part that
+    names a path outside it or whose files differ from its manifest."""
+    parts = [Manifest.load(d, verify_files=True) for d in part_dirs]
     if not parts:
         raise FerrolmError("merge_shards needs at least one part directory")
     first = parts[0].data

@@ -16,6 +16,7 @@ and wraps its arrays (no copy).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,25 @@ STATE_VERSION = 1
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "num_cu_seqlens", "max_seqlen")
 
 PathLike = str | os.PathLike[str]
+
+
+_STATE_KEYS = (
+    "fingerprint",
+    "seed",
+    "seq_len",
+    "packing",
+    "position",
+    "epochs",
+    "epoch_starts",
+    "source_rows",
+)
+
+
+def _state_int(value: Any, field: str) -> int:
+    """A loader-state integer: an int (not a bool, float or string) in [0, 2^64)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**64:
+        raise FerrolmError(f"loader state: {field} must be an integer in [0, 2^64), got {value!r}")
+    return int(value)
 
 
 def _integer_weights(weights: Sequence[float | int]) -> list[int]:
@@ -249,21 +269,36 @@ class PackedLoader:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue right after the batch where ``state`` was taken (any world or batch size)."""
+        if not isinstance(state, Mapping):
+            raise FerrolmError(f"a PackedLoader state is a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise FerrolmError(
                 f"not a PackedLoader state (format={state.get('format')!r}, version={state.get('version')!r})"
             )
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise FerrolmError(f"loader state: missing field(s) {missing}")
+        position = _state_int(state["position"], "position")
+        n = len(self._core.weights)
+        columns = {}
+        for key in ("epochs", "epoch_starts", "source_rows"):
+            values = state[key]
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                raise FerrolmError(
+                    f"loader state: {key} must be a list of {n} integers (one per source), got {values!r}"
+                )
+            columns[key] = [_state_int(v, f"{key}[{i}]") for i, v in enumerate(values)]
         for key in ("seq_len", "packing", "seed"):
             mine = getattr(self._core, key)
             if state[key] != mine:
                 raise FerrolmError(f"the state was saved with {key}={state[key]!r}; this loader has {mine!r}")
-        if state["fingerprint"] != self._core.fingerprint:
+        if not isinstance(state["fingerprint"], str) or state["fingerprint"] != self._core.fingerprint:
             raise FerrolmError(
                 f"the state's data fingerprint {state['fingerprint']} differs from this loader's "
                 f"{self._core.fingerprint}: different shards, split, mixing weights or buffer_size"
             )
-        sources = list(zip(state["epochs"], state["epoch_starts"], state["source_rows"], strict=True))
-        self._core.load_state(int(state["position"]), [(int(e), int(b), int(r)) for e, b, r in sources])
+        sources = list(zip(columns["epochs"], columns["epoch_starts"], columns["source_rows"], strict=True))
+        self._core.load_state(position, sources)
 
     # -- inspection --------------------------------------------------------------------------
 

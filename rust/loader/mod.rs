@@ -141,7 +141,8 @@ impl Shard {
     fn open(path: PathBuf, info: &ShardInfo, manifest: &Manifest, split: &str) -> Result<Shard> {
         let location = path.display().to_string();
         let bad = |message: String| Error::format(location.clone(), message);
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // A FIFO or device in place of a shard would block or never end: refused before opening.
+        let file = crate::files::open_regular(&path)?;
         let size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if size != info.bytes {
             return Err(bad(format!(
@@ -467,16 +468,8 @@ impl Source {
                 ),
             ));
         }
+        // Validated on reading: version, vocabulary, special ids, names, totals.
         let manifest = Manifest::read(&manifest_path)?;
-        if manifest.format != "ferrolm-shards" {
-            return Err(Error::format(
-                manifest_path.display().to_string(),
-                format!(
-                    "format is {:?}, expected \"ferrolm-shards\"",
-                    manifest.format
-                ),
-            ));
-        }
         let summary = manifest.splits.get(split).ok_or_else(|| {
             Error::invalid(format!(
                 "{}: no split {split:?} (it has {:?})",
@@ -489,7 +482,8 @@ impl Source {
             infos
                 .par_iter()
                 .map(|info| {
-                    let shard = Shard::open(dir.join(&info.file), info, &manifest, split)?;
+                    let path = manifest::contained_path(dir, &info.file)?;
+                    let shard = Shard::open(path, info, &manifest, split)?;
                     let lengths = shard.check_offsets(seq_len)?;
                     if verify == Verify::Eager {
                         shard.verify()?;
@@ -889,6 +883,18 @@ impl Cursor {
         }
         let expected = dataset.schedule.counts_before(position.global);
         for (s, (p, want)) in position.sources.iter().zip(&expected).enumerate() {
+            // Concat epochs all hold `windows` rows, so the epoch is known from where it began;
+            // a best-fit epoch holds at least one row.
+            let epoch_ok = match dataset.rows_per_epoch(s) {
+                Some(windows) => p.epoch.checked_mul(windows) == Some(p.epoch_start),
+                None => p.epoch <= p.epoch_start && (p.epoch == 0) == (p.epoch_start == 0),
+            };
+            if !epoch_ok {
+                return Err(Error::invalid(format!(
+                    "inconsistent loader state: source {s} is in epoch {} from row {}, which no run of this data reaches (tampered epochs?)",
+                    p.epoch, p.epoch_start
+                )));
+            }
             if p.rows != *want || p.epoch_start > p.rows {
                 return Err(Error::invalid(format!(
                     "inconsistent loader state: source {s} has consumed {} rows (epoch {} from row {}), but position {} implies {want}",

@@ -4,7 +4,7 @@ use super::detached;
 use super::tokenizer::CoreTokenizer;
 use crate::error::Error;
 use crate::shard::input::{DocumentOptions, TextSplit};
-use crate::shard::manifest::InputRecord;
+use crate::shard::manifest::{self, InputRecord, Manifest};
 use crate::shard::safetensors::Dtype;
 use crate::shard::{ShardOptions, ShardWriter};
 use pyo3::prelude::*;
@@ -35,7 +35,7 @@ impl CoreShardWriter {
         tokenizer: &CoreTokenizer,
         tokenizer_json: String,
         val_fraction: f64,
-        shard_tokens: usize,
+        shard_tokens: i128,
         seed: u64,
         bos: Option<u32>,
         eos: Option<u32>,
@@ -56,7 +56,7 @@ impl CoreShardWriter {
         let options = ShardOptions {
             output_dir,
             val_fraction,
-            shard_tokens,
+            shard_tokens: crate::shard::shard_tokens_option(shard_tokens)?,
             seed,
             bos,
             eos,
@@ -113,6 +113,30 @@ impl CoreShardWriter {
         let writer = self.writer()?;
         let stats = detached(py, || writer.add_file(&path, &options))?;
         Ok((stats.documents, stats.bytes))
+    }
+
+    /// Records an input read outside Rust (Parquet) for resume checks: its size, mtime and the
+    /// sha256 of the whole file. Call before adding its documents.
+    fn begin_file(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let writer = self.writer()?;
+        detached(py, || writer.begin_input(&path, true).map(|_| ()))
+    }
+
+    /// Reads and validates `directory/manifest.json` (format, version, vocabulary, ids, file
+    /// names, totals); with `verify_files`, also every shard's size and sha256. Returns its JSON.
+    #[staticmethod]
+    #[pyo3(signature = (directory, *, verify_files=false))]
+    fn read_manifest(py: Python<'_>, directory: PathBuf, verify_files: bool) -> PyResult<String> {
+        detached(py, || {
+            let manifest = Manifest::read(&directory.join(manifest::MANIFEST))?;
+            if verify_files {
+                manifest::contained_path(&directory, &manifest.tokenizer.file)?;
+                for shard in manifest.splits.values().flat_map(|s| &s.shards) {
+                    manifest::verify_shard(&directory, shard)?;
+                }
+            }
+            Ok(serde_json::to_string(&manifest).expect("manifest serialises"))
+        })
     }
 
     #[getter]

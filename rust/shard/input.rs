@@ -9,9 +9,10 @@
 //! - Either may be compressed: `.zst` / `.zstd` or `.gz`, decompressed as a stream.
 
 use crate::error::{Error, Result};
-use std::fs::File;
+use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TextSplit {
@@ -47,13 +48,61 @@ fn is_json_lines(name: &str) -> bool {
     name.ends_with(".jsonl") || name.ends_with(".ndjson")
 }
 
-/// The file name without a compression suffix, and a reader that decompresses.
-pub fn open_decompressed(path: &Path) -> Result<(String, Box<dyn Read + Send>)> {
+/// The sha256 and length of the bytes read from a file so far (as stored, before
+/// decompression): what a resume checks to know that the input it re-reads is the same.
+#[derive(Clone, Default)]
+pub struct PrefixHash {
+    pub sha: Sha256,
+    pub bytes: u64,
+}
+
+impl PrefixHash {
+    pub fn hex(&self) -> String {
+        self.sha
+            .clone()
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+pub type SharedHash = Arc<Mutex<PrefixHash>>;
+
+/// A reader that feeds every byte it returns into a [`PrefixHash`].
+struct Hashing<R> {
+    inner: R,
+    hash: SharedHash,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut h = self.hash.lock().unwrap_or_else(|p| p.into_inner());
+        h.sha.update(&buf[..n]);
+        h.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// The file name without a compression suffix, and a reader that decompresses; the bytes read
+/// from the file are hashed into `hash` if given.
+pub fn open_decompressed(
+    path: &Path,
+    hash: Option<SharedHash>,
+) -> Result<(String, Box<dyn Read + Send>)> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // A FIFO or a device (/dev/zero) would block or never end: refused before reading.
+    let file: Box<dyn Read + Send> = {
+        let file = crate::files::open_regular(path)?;
+        match hash {
+            Some(hash) => Box::new(Hashing { inner: file, hash }),
+            None => Box::new(file),
+        }
+    };
     let io = |e| Error::io(path, e);
     if let Some(inner) = name
         .strip_suffix(".zst")
@@ -75,9 +124,10 @@ pub fn open_decompressed(path: &Path) -> Result<(String, Box<dyn Read + Send>)> 
 pub fn read_documents(
     path: &Path,
     options: &DocumentOptions,
+    hash: Option<SharedHash>,
     mut sink: impl FnMut(Vec<String>) -> Result<()>,
 ) -> Result<FileStats> {
-    let (name, reader) = open_decompressed(path)?;
+    let (name, reader) = open_decompressed(path, hash)?;
     let location = path.display().to_string();
     let mut stats = FileStats::default();
     let mut batch: Vec<String> = Vec::new();

@@ -10,6 +10,9 @@
 //! of finished shards is saved to `.progress.json`; `manifest.json` is written last. Resume
 //! re-reads the input, hashes documents to know their split, skips (without encoding) those already
 //! in finished shards, and carries on: the result is byte-identical to an uninterrupted run.
+//! Skipping by count is only right over the same inputs, so the progress file records each
+//! input begun (path, size, mtime, sha256 of the bytes consumed) and a resume refuses, naming the
+//! file and what changed, when any differs.
 
 pub mod input;
 pub mod manifest;
@@ -27,6 +30,18 @@ use std::sync::Arc;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const SPLITS: [&str; 2] = ["train", "val"];
+/// The most tokens one shard may be asked to hold (2^36: a 256 GiB uint32 shard).
+pub const MAX_SHARD_TOKENS: u64 = 1 << 36;
+
+/// Checks a `shard_tokens` value given by a person (any integer) and returns it.
+pub fn shard_tokens_option(value: i128) -> Result<usize> {
+    if value < 1 || value > MAX_SHARD_TOKENS as i128 {
+        return Err(Error::invalid(format!(
+            "shard_tokens (--shard-tokens) must be an integer from 1 to {MAX_SHARD_TOKENS}, got {value}"
+        )));
+    }
+    Ok(value as usize)
+}
 
 /// The seeded document hash behind the train/val split: FNV-1a (64-bit) over the document's UTF-8
 /// bytes, starting from the FNV offset basis XOR `splitmix64(seed)`, finished with `splitmix64`.
@@ -111,6 +126,10 @@ pub struct ShardWriter {
     pub skipped: Skipped,
     documents_read: u64,
     bytes_read: u64,
+    /// Inputs begun so far: (path, size, mtime in ns, hash of the bytes consumed).
+    inputs: Vec<(String, u64, u64, input::SharedHash)>,
+    /// The inputs the interrupted run had begun (resume only), checked against this run's.
+    resume_inputs: Vec<manifest::InputIdentity>,
 }
 
 impl ShardWriter {
@@ -126,8 +145,11 @@ impl ShardWriter {
                 options.val_fraction
             )));
         }
-        if options.shard_tokens == 0 {
-            return Err(Error::invalid("shard_tokens must be positive"));
+        if options.shard_tokens == 0 || options.shard_tokens as u64 > MAX_SHARD_TOKENS {
+            return Err(Error::invalid(format!(
+                "shard_tokens must be between 1 and {MAX_SHARD_TOKENS}, got {}",
+                options.shard_tokens
+            )));
         }
         let max_id = tokenizer.vocab_size().saturating_sub(1) as u64;
         let fits = match options.dtype {
@@ -141,6 +163,9 @@ impl ShardWriter {
         }
         let dir = &options.output_dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // A run killed mid-write (kill -9) leaves `.NAME.tmp-PID` files; ours are removed here,
+        // on a resume and on a fresh run alike (only those whose writer is dead).
+        files::remove_stale_temporaries(dir)?;
         let manifest_path = dir.join(manifest::MANIFEST);
         if manifest_path.exists() {
             return Err(Error::invalid(format!(
@@ -163,6 +188,7 @@ impl ShardWriter {
             seen: 0,
         });
         let progress_path = dir.join(manifest::PROGRESS);
+        let mut resume_inputs = Vec::new();
         if options.resume && progress_path.exists() {
             let progress = Progress::read(&progress_path)?;
             if progress.tokenizer_sha256 != tokenizer_sha256
@@ -183,6 +209,10 @@ impl ShardWriter {
                 split.already_written = done.iter().map(|s| s.documents).sum();
                 split.finished = done;
             }
+            for input in &progress.inputs {
+                input.verify(&progress_path)?;
+            }
+            resume_inputs = progress.inputs;
         } else if progress_path.exists() {
             return Err(Error::invalid(format!(
                 "{} holds an unfinished run: pass resume=True (--resume) to finish it, or use an empty directory",
@@ -197,7 +227,43 @@ impl ShardWriter {
             skipped: Skipped::default(),
             documents_read: 0,
             bytes_read: 0,
+            inputs: Vec::new(),
+            resume_inputs,
         })
+    }
+
+    /// Starts reading input file `path`: records its identity (size, mtime and, as it is read,
+    /// the sha256 of the bytes consumed) for the progress file, and on resume checks that the
+    /// inputs come in the order the interrupted run read them. `whole` hashes the whole file now
+    /// (for files read outside Rust, e.g. Parquet).
+    pub fn begin_input(&mut self, path: &Path, whole: bool) -> Result<input::SharedHash> {
+        let index = self.inputs.len();
+        let shown = path.display().to_string();
+        if let Some(recorded) = self.resume_inputs.get(index) {
+            if recorded.path != shown {
+                return Err(Error::invalid(format!(
+                    "cannot resume: input {index} was {} in the interrupted run but is {shown} now (the list of inputs changed)",
+                    recorded.path
+                )));
+            }
+        }
+        let (size, mtime_ns) = manifest::file_identity(path)?;
+        let hash = input::SharedHash::default();
+        if whole {
+            let mut file = files::open_regular(path)?;
+            let mut h = hash.lock().unwrap_or_else(|p| p.into_inner());
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| Error::io(path, e))?;
+                if n == 0 {
+                    break;
+                }
+                sha2::Digest::update(&mut h.sha, &buf[..n]);
+                h.bytes += n as u64;
+            }
+        }
+        self.inputs.push((shown, size, mtime_ns, hash.clone()));
+        Ok(hash)
     }
 
     pub fn output_dir(&self) -> &Path {
@@ -262,7 +328,10 @@ impl ShardWriter {
         path: &Path,
         options: &input::DocumentOptions,
     ) -> Result<input::FileStats> {
-        let stats = input::read_documents(path, options, |batch| self.add_documents(&batch))?;
+        let hash = self.begin_input(path, false)?;
+        let stats = input::read_documents(path, options, Some(hash), |batch| {
+            self.add_documents(&batch)
+        })?;
         self.skipped.bad_lines += stats.bad_lines;
         self.skipped.invalid_utf8_replaced += stats.utf8_replaced;
         self.skipped.empty_documents += stats.whitespace_only;
@@ -325,6 +394,20 @@ impl ShardWriter {
         let progress = Progress {
             tokenizer_sha256: self.tokenizer_sha256.clone(),
             options: self.options.fingerprint(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|(path, size, mtime_ns, hash)| {
+                    let h = hash.lock().unwrap_or_else(|p| p.into_inner());
+                    manifest::InputIdentity {
+                        path: path.clone(),
+                        size: *size,
+                        mtime_ns: *mtime_ns,
+                        consumed_bytes: h.bytes,
+                        consumed_sha256: h.hex(),
+                    }
+                })
+                .collect(),
             shards: self
                 .splits
                 .iter()
@@ -336,6 +419,14 @@ impl ShardWriter {
 
     /// Writes the last partial shards and then the manifest (last of all).
     pub fn finish(mut self, inputs: Vec<manifest::InputRecord>) -> Result<Manifest> {
+        if self.resume_inputs.len() > self.inputs.len() {
+            return Err(Error::invalid(format!(
+                "cannot resume: the interrupted run had read {} inputs (up to {}), this one only {}: the list of inputs changed",
+                self.resume_inputs.len(),
+                self.resume_inputs.last().map(|i| i.path.as_str()).unwrap_or(""),
+                self.inputs.len()
+            )));
+        }
         for split in 0..self.splits.len() {
             self.close_shard(split)?;
         }

@@ -132,25 +132,44 @@ pub fn read_layout(bytes: &[u8], location: &str) -> Result<Layout> {
             .and_then(Value::as_str)
             .and_then(Dtype::parse)
             .ok_or_else(|| bad(format!("tensor {name:?}: dtype must be U16, U32 or U64")))?;
-        let offsets: Vec<usize> = value
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_u64().map(|x| x as usize))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let [start, end] = offsets[..] else {
+        let integers = |key: &str| -> Option<Vec<u64>> {
+            value
+                .get(key)?
+                .as_array()?
+                .iter()
+                .map(Value::as_u64)
+                .collect()
+        };
+        let Some([start, end]) = integers("data_offsets").as_deref().and_then(|o| match o {
+            &[a, b] => Some([a, b]),
+            _ => None,
+        }) else {
             return Err(bad(format!(
-                "tensor {name:?}: data_offsets must be two integers"
+                "tensor {name:?}: data_offsets must be two non-negative integers"
             )));
         };
-        let (start, end) = (data_start + start, data_start + end);
-        if start > end || end > bytes.len() || (end - start) % dtype.size() != 0 {
+        let range = (data_start as u64)
+            .checked_add(start)
+            .zip((data_start as u64).checked_add(end))
+            .filter(|&(s, e)| s <= e && e <= bytes.len() as u64);
+        let Some((start, end)) = range.map(|(s, e)| (s as usize, e as usize)) else {
             return Err(bad(format!(
-                "tensor {name:?} claims bytes {start}..{end} but the file has {} bytes (truncated?)",
+                "tensor {name:?} claims data_offsets {start}..{end} after a {data_start}-byte header, but the file has {} bytes (truncated?)",
                 bytes.len()
+            )));
+        };
+        if (end - start) % dtype.size() != 0 {
+            return Err(bad(format!(
+                "tensor {name:?}: {} bytes is not a whole number of {} elements",
+                end - start,
+                dtype.name()
+            )));
+        }
+        let elements = ((end - start) / dtype.size()) as u64;
+        if integers("shape").as_deref() != Some(&[elements][..]) {
+            return Err(bad(format!(
+                "tensor {name:?}: shape {} does not match its {elements} elements (expected [{elements}])",
+                value.get("shape").map(Value::to_string).unwrap_or_else(|| "missing".into())
             )));
         }
         layout.tensors.insert(name.clone(), (dtype, start..end));
