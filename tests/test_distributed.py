@@ -226,7 +226,9 @@ def assert_every_rank_failed(result: subprocess.CompletedProcess[str], message: 
             assert message in lines[0], result.stderr[-3000:]
             reported += 1
         else:
-            stopped = re.search(rf"rank\s*: {rank} \(local_rank: {rank}\)\s*\n\s*exitcode\s*: -15", result.stderr)
+            stopped = re.search(
+                rf"rank\s*: {rank} \(local_rank: {rank}\)\s*\n\s*exitcode\s*: -15", result.stderr
+            )
             assert stopped, result.stderr[-3000:]
     assert reported >= 1, result.stderr[-3000:]
     assert "]: Traceback" not in result.stderr  # no rank's traceback (torchrun prefixes them "[rankN]:")
