@@ -225,7 +225,7 @@ def _decode(path: Path, data: bytes, what: str, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise FerrolmError(
-            f"{path}:{line}: not valid UTF-8 (byte {error.start}); expected {what} in UTF-8"
+            f"{path}:{line}: not valid UTF-8 (byte {error.start}); expected {what}, in UTF-8"
         ) from None
 
 

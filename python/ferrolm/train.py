@@ -168,6 +168,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise FerrolmError(f"train config: seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("compile", "doc_mask", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise FerrolmError(f"train config: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_steps", "max_tokens", "seq_len", "grad_accum", "global_batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
