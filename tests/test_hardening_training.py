@@ -309,7 +309,8 @@ def test_tampered_state_json_is_one_error_naming_file_and_field(run, tmp_path, c
     ("change", "match"),
     [
         (lambda s: s["train_config"].update(lr="fast"), r"train_config: train config: lr must be a finite"),
-        (lambda s: s["train_config"].update(seed=None), r"state.json"),
+        (lambda s: s["train_config"].update(seed=None), r"train_config: .*seed must be an integer >= 0"),
+        (lambda s: s["train_config"].pop("preset"), r"state.json: train_config does not record preset"),
         (lambda s: s["train_config"].update(batch_size=-1), r"train_config: .*batch_size must be a positive"),
         (
             lambda s: s["rng"].update(torch_cpu="not base64!"),
@@ -317,7 +318,14 @@ def test_tampered_state_json_is_one_error_naming_file_and_field(run, tmp_path, c
         ),
         (lambda s: s["loader"].update(position="x"), r"state.json: loader: .*position"),
     ],
-    ids=["train-config-lr", "train-config-seed", "train-config-batch", "rng-garbage", "loader-garbage"],
+    ids=[
+        "train-config-lr",
+        "train-config-seed",
+        "no-preset",
+        "train-config-batch",
+        "rng-garbage",
+        "loader-garbage",
+    ],
 )
 def test_tampered_resume_fields_are_one_error(shards, run, tmp_path, change, match) -> None:  # type: ignore[no-untyped-def]
     copy = copy_run(run, tmp_path)
@@ -569,6 +577,14 @@ def test_an_impossible_model_is_refused_with_the_figure_before_allocating(shards
         FerrolmError, match=r"pretrain: [\d,]+ parameters \(n_layer=100000.* need at least [\d,.]+ GB"
     ):
         pretrain(config)
+    # A manifest claiming 4 billion tokens (uint32 shards allow it): 256 billion embedding parameters.
+    corpus, s32 = shards.parent / "corpus", tmp_path / "s32"
+    shard_corpus(str(corpus), s32, str(shards.parent / "tokenizer.json"), dtype="uint32", show_progress=False)
+    manifest = json.loads((s32 / "manifest.json").read_text())
+    manifest["vocab_size"] = 4_000_000_000
+    (s32 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FerrolmError, match=r"vocab_size=4000000000\).* need at least 4,096.0 GB"):
+        pretrain(TrainConfig(data=str(s32), out=str(tmp_path / "r32"), max_steps=1, **SMALL))
     # A vocabulary of 10**12 tokens reaching the model: 64 trillion parameters of embeddings.
     with pytest.raises(FerrolmError, match=r"vocab_size=1000000000000\).* GB, more than"):
         GPT(GPTConfig.preset("tiny", vocab_size=10**12))

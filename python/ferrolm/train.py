@@ -647,8 +647,20 @@ def _restore_rng(state: dict[str, Any], rank: int, mlm_generator: torch.Generato
         mlm_generator.manual_seed(derived)
 
 
+# What fixes the data stream and the model, compared on resume; with the global batch (batch_size,
+# global_batch_size) a checkpoint must record them. Everything else (max_steps, intervals, the number of
+# ranks and how the global batch splits into them...) may change.
+RESUME_FIELDS = ("preset", "model", "objective", "seq_len", "packing", "doc_mask", "seed")
+
+
 def saved_train_config(state: dict[str, Any], path: Path) -> TrainConfig:
-    """The TrainConfig a checkpoint (directory ``path``) was trained with; a bad field names the file."""
+    """The TrainConfig a checkpoint (directory ``path``) was trained with; a bad field names the file.
+    The fields a resume compares must be recorded: a default is a guess, not what the run used."""
+    missing = [
+        k for k in (*RESUME_FIELDS, "batch_size", "global_batch_size") if k not in state["train_config"]
+    ]
+    if missing:
+        raise FerrolmError(f"{path / 'state.json'}: train_config does not record {', '.join(missing)}")
     try:
         return TrainConfig.from_dict(state["train_config"], source="train_config").validate()
     except (TypeError, ValueError) as error:
@@ -672,9 +684,7 @@ def _check_resume_compatible(
             f"tokenizer_sha256 in {state_path}); restore it or delete it to copy it again from {config.data}"
         )
     saved = saved_train_config(state, path)
-    # What fixes the data stream and the model; everything else (max_steps, intervals, the number of
-    # ranks and how the global batch splits into them...) may change.
-    for key in ("preset", "model", "objective", "seq_len", "packing", "doc_mask", "seed"):
+    for key in RESUME_FIELDS:
         if getattr(saved, key) != getattr(config, key):
             raise FerrolmError(
                 f"--resume: {key} is {getattr(config, key)!r} but the checkpoint {path} was trained with "
