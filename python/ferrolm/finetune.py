@@ -76,6 +76,7 @@ from ferrolm._files import (
     atomic_write_text,
     parse_jsonl,
     read_bytes,
+    remove_stale_temporaries,
     sha256_file,
 )
 from ferrolm.checkpoint import (
@@ -86,6 +87,7 @@ from ferrolm.checkpoint import (
     read_tensors,
     read_versioned_json,
 )
+from ferrolm.memory import check_memory
 from ferrolm.model import GPT, GPTConfig
 from ferrolm.train import _Progress, _rank_seed, check_number, resolve_device
 
@@ -489,6 +491,7 @@ def _full_weights(ctx: distributed.Context, model: SequenceClassifier) -> dict[s
 
 def _start_out(out: Path, tokenizer: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # what a killed run left half-written (only ours: see ferrolm._files)
     atomic_write_text(out / "tokenizer.json", tokenizer.to_json())
 
 
@@ -599,6 +602,8 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
     # --- model: the pretrained backbone, a fresh head (the same seed: the same head on every rank) ----
     torch.manual_seed(config.seed)
     gpt, tokenizer = ctx.agreed(load_backbone, config.model)
+    shards = ctx.world_size if ctx.parallel == "fsdp" else 1  # the weights fit; does their training?
+    check_memory(gpt.config, device, training=True, shards=shards, source=f"finetune {config.model}")
     pad_id = tokenizer.eot_token
     if pad_id is None:
         raise FerrolmError(f"{config.model}: the tokenizer has no <|endoftext|> (or </s>) token to pad with")
