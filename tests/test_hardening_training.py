@@ -270,6 +270,7 @@ def test_a_torn_last_line_is_dropped_and_nothing_else(tmp_path, records, cut) ->
     ("change", "match"),
     [
         (lambda s: s.update(step=-5), r"step must be an integer >= 0, got -5"),
+        (lambda s: s.update(step=7), r"state.json: step is 7, but the directory is step-00000002"),
         (lambda s: s.update(step="3"), r"step must be an integer >= 0, got '3'"),
         (lambda s: s.update(step=True), r"step must be an integer >= 0, got True"),
         (lambda s: s.update(tokens=1.5), r"tokens must be an integer >= 0"),
@@ -287,7 +288,7 @@ def test_a_torn_last_line_is_dropped_and_nothing_else(tmp_path, records, cut) ->
         (lambda s: s.update(world_size=0), r"world_size must be an integer >= 1"),
     ],
     ids=[
-        "negative-step", "string-step", "bool-step", "float-tokens", "no-loader", "rng-list", "files-empty",
+        "negative-step", "other-step", "string-step", "bool-step", "float-tokens", "no-loader", "rng-list", "files-empty",
         "files-missing-optimizer", "files-outside", "files-entry-not-object", "files-wrong-size",
         "tokenizer-sha", "model-config-type", "model-config-dropout", "param-groups", "world-size",
     ],

@@ -235,7 +235,6 @@ def validate_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
     files = state.get("files")
     if not isinstance(files, dict):
         fail("files", "an object naming each tensor file")
-    assert isinstance(files, dict)
     for name in TENSOR_FILES:
         if name not in files:
             raise FerrolmError(f"{path}: files does not list {name} (every tensor file must be listed)")
@@ -337,6 +336,8 @@ def load_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> 
     state = validate_state(
         read_versioned_json(state_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint"), state_path
     )
+    if path.name != f"step-{state['step']:08d}":
+        raise FerrolmError(f"{state_path}: step is {state['step']}, but the directory is {path.name}")
     for name, entry in state["files"].items():
         check_file(path / name, entry["sha256"] if verify else None, state_path, size=entry["size"])
     unlisted = sorted(p.name for p in path.glob("*.safetensors") if p.name not in state["files"])
