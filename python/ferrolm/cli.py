@@ -83,8 +83,10 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
+    from ferrolm._files import read_text
+
     tok = _load(args.tokenizer, args.pattern)
-    text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
+    text = args.text if args.text is not None else read_text(args.file, "a UTF-8 text file to encode")
     ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
     print(" ".join(map(str, ids)))
     return 0
@@ -213,7 +215,9 @@ PRETRAIN_FIELDS = (
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from ferrolm.train import TrainConfig, load_checkpoint, load_toml, pretrain
+    import dataclasses
+
+    from ferrolm.train import TrainConfig, load_checkpoint, load_toml, pretrain, saved_train_config
 
     values: dict = {}
     if args.config:
@@ -222,8 +226,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         if not out:
             raise ValueError("--resume needs --out RUN (or out in --config)")
-        _, state = load_checkpoint(out, verify=False)  # the configuration; pretrain checks the files
-        values = {**state["train_config"], **{k: v for k, v in values.items() if k != "model"}}
+        path, state = load_checkpoint(out, verify=False)  # the configuration; pretrain checks the files
+        saved = dataclasses.asdict(saved_train_config(state, path))
+        values = {**saved, **{k: v for k, v in values.items() if k != "model"}}
     for name in PRETRAIN_FIELDS:
         value = getattr(args, name)
         if value is None or (value is False and name in ("compile", "doc_mask")):
@@ -464,11 +469,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from ferrolm._files import read_text
     from ferrolm.finetune import Classifier
 
     texts = list(args.text or [])
     if args.file:
-        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        lines = read_text(args.file, "texts to classify, one per line").splitlines()
         texts += [line for line in lines if line.strip()]
     if not texts:
         raise ValueError("predict: give --text TEXT (repeatable) or --file FILE (one text per line)")
@@ -751,8 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as error:
         if args.debug:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        _error_line(f"ferrolm: error{_rank_label()}: {message}")
+        _error_line(f"ferrolm: error{_rank_label()}: {_describe(error)}")
         return 1
     except Exception as error:  # under torchrun: one line per rank, not N interleaved tracebacks
         if args.debug or not _rank_label():
@@ -762,6 +767,31 @@ def main(argv: list[str] | None = None) -> int:
             "(--debug for the traceback)"
         )
         return 1
+
+
+def _describe(error: BaseException) -> str:
+    """The one line an error prints: it names the file (or the key) and what went wrong.
+
+    ferrolm's own errors already do; these are the fallbacks for what reaches here from elsewhere:
+    an OSError from open() ("[Errno 2] No such file or directory: 'x'") becomes "x: No such file or
+    directory"; a bare KeyError (its message is only the key) says it is a missing key; a raw
+    UnicodeDecodeError says what was not UTF-8."""
+    if isinstance(error, OSError) and error.filename is not None:
+        where = os.fsdecode(error.filename)
+        if error.filename2 is not None:
+            where += f" -> {os.fsdecode(error.filename2)}"
+        return f"{where}: {error.strerror or error}"
+    if isinstance(error, UnicodeDecodeError):
+        return (
+            f"input is not valid UTF-8 ({error.reason} at byte {error.start}); expected UTF-8 text "
+            "(--debug for the traceback)"
+        )
+    if isinstance(error, KeyError):
+        key = error.args[0] if error.args else ""
+        if isinstance(key, str) and " " in key:  # a message written for the user (e.g. an unknown token)
+            return key
+        return f"missing key {key!r} in the data read (--debug for the traceback)"
+    return str(error)
 
 
 def _error_line(text: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferrolm._core import CoreShardWriter, FerrolmError
+from ferrolm._files import atomic_write_json, copy_file_atomic
 from ferrolm.loader import PackedLoader
 from ferrolm.tokenizer import Tokenizer
 
@@ -306,7 +306,7 @@ def merge_shards(part_dirs: Sequence[str | os.PathLike[str]], output_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         raise FerrolmError(f"{out / MANIFEST} exists: choose an empty directory")
-    shutil.copyfile(parts[0].directory / first["tokenizer"]["file"], out / first["tokenizer"]["file"])
+    copy_file_atomic(parts[0].directory / first["tokenizer"]["file"], out / first["tokenizer"]["file"])
     merged = {k: v for k, v in first.items() if k not in ("splits", "inputs", "skipped")}
     merged["splits"], merged["inputs"] = {}, []
     merged["skipped"] = {k: sum(p.data["skipped"][k] for p in parts) for k in first["skipped"]}
@@ -326,12 +326,7 @@ def merge_shards(part_dirs: Sequence[str | os.PathLike[str]], output_dir: str | 
         }
     for manifest in parts:
         merged["inputs"] += manifest.data["inputs"]
-    temporary = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(merged, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, out / MANIFEST)
+    atomic_write_json(out / MANIFEST, merged, indent=2)  # last: its presence means the merge is complete
     return Manifest.load(out)
 
 
@@ -340,7 +335,5 @@ def _link_or_copy(source: Path, target: Path) -> None:
         target.unlink()
     try:
         os.link(source, target)
-    except OSError:
-        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, target)
+    except OSError:  # another file system: a copy
+        copy_file_atomic(source, target)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ferrolm._files import atomic_write_text
 from ferrolm.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".jsonl", ".zst"}
@@ -113,8 +114,6 @@ def write_task(out: Path, corpus: str | None, per_class: int, seed: int = 0) -> 
     corpus has fewer than two labels with snippets. Files, not snippets, are split (every 5th file to
     test, the next to dev), so no test snippet shares a file with a training one; each class is capped
     at ``per_class`` training snippets (and a quarter of that for dev and test) to keep it balanced."""
-    from ferrolm.train import atomic_write_text
-
     by_label = labelled_files(corpus)
     rows: dict[str, list[dict[str, str]]] = {"train": [], "dev": [], "test": []}
     rng = random.Random(seed)
@@ -324,8 +323,6 @@ def run_demo(
 
         results["evaluate"] = stage("evaluate", evaluate_classifier)
         _print_confusion(results["evaluate"])
-
-    from ferrolm.train import atomic_write_text
 
     _print_summary(out, results)
     if not (tok_figures["round_trip"] and tok_figures["formats_agree"]):

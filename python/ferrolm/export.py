@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,8 @@ def _write_hf(
     """config.json (the LM config, updated by a classification ``head``), weights, tokenizer files."""
     from safetensors.torch import save_file
 
-    from ferrolm.train import atomic_write_text
+    from ferrolm._files import atomic_file, atomic_write_text, copy_file_atomic
+    from ferrolm.checkpoint import check_finite, check_vocab
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,20 +81,19 @@ def _write_hf(
         from ferrolm import Tokenizer
 
         tok = Tokenizer.from_pretrained(tokenizer_file)
+        check_vocab(tok.vocab_size, config.vocab_size, tokenizer_file, "being exported")
         eos_id = bos_id = tok.eot_token
         eos_token = next((name for name, i in tok.special_tokens.items() if i == eos_id), None)
     hf_config = {**config_to_hf(config, bos_id=bos_id, eos_id=eos_id), **(head or {})}
     state = {k: v.detach().float().cpu().contiguous() for k, v in hf_state.items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    check_finite(state, "export", ": the weights diverged; nothing was exported")
+    with atomic_file(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
     generation: dict[str, Any] = {"bos_token_id": bos_id, "eos_token_id": eos_id}
     atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if tokenizer_file is not None:
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(tokenizer_file, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        copy_file_atomic(tokenizer_file, out / "tokenizer.json")
         tok_config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": config.block_size,
@@ -111,8 +110,8 @@ def _write_hf(
 def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Export the latest checkpoint of a ``ferrolm pretrain`` run directory, or a ``ferrolm finetune``
     output (a classifier, see ``export_classifier``)."""
+    from ferrolm.checkpoint import load_model
     from ferrolm.finetune import CLASSIFIER_FILE
-    from ferrolm.train import load_model
 
     if (Path(run_dir) / CLASSIFIER_FILE).is_file():
         return export_classifier(run_dir, out_dir)

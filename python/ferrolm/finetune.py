@@ -70,18 +70,26 @@ import torch.nn.functional as F
 
 from ferrolm import distributed
 from ferrolm._core import FerrolmError
-from ferrolm.model import GPT, GPTConfig
-from ferrolm.train import (
-    _Progress,
-    _rank_seed,
-    _read_tensors,
-    _sha256,
+from ferrolm._files import (
+    atomic_file,
+    atomic_write_json,
     atomic_write_text,
-    check_file,
-    load_pretrained,
-    read_versioned_json,
-    resolve_device,
+    parse_jsonl,
+    read_bytes,
+    remove_stale_temporaries,
+    sha256_file,
 )
+from ferrolm.checkpoint import (
+    check_file,
+    check_finite,
+    check_vocab,
+    load_pretrained,
+    read_tensors,
+    read_versioned_json,
+)
+from ferrolm.memory import check_memory
+from ferrolm.model import GPT, GPTConfig
+from ferrolm.train import _Progress, _rank_seed, check_number, resolve_device
 
 __all__ = [
     "Classifier",
@@ -154,21 +162,33 @@ class FinetuneConfig:
             not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
         ):
             raise FerrolmError(f"finetune config: warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if not self.lr > 0:
-            raise FerrolmError(f"finetune config: lr must be > 0, got {self.lr!r}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise FerrolmError(f"finetune config: warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise FerrolmError("finetune config: weight_decay and grad_clip must be >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise FerrolmError(f"finetune config: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        source = "finetune config"
+        check_number(source, "lr", self.lr, open_low=True)
+        check_number(source, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_number(source, "weight_decay", self.weight_decay)
+        check_number(source, "grad_clip", self.grad_clip)
+        check_number(source, "dropout", self.dropout, 0.0, 1.0, open_high=True)
+        _check_columns(self.text_column, self.label_column)
+        if not isinstance(self.device, str) or (
+            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
+        ):
             raise FerrolmError(f"finetune config: device must be cpu, cuda or auto, got {self.device!r}")
         if self.parallel not in distributed.PARALLEL_MODES:
             raise FerrolmError(
                 f"finetune config: parallel must be auto, none, ddp or fsdp, got {self.parallel!r}"
             )
         return self
+
+
+def _check_columns(text_column: Any, label_column: Any) -> None:
+    for name, value in (("text_column", text_column), ("label_column", label_column)):
+        if not isinstance(value, str) or not value:
+            raise FerrolmError(f"finetune config: {name} must be a non-empty column name, got {value!r}")
+    if text_column == label_column:
+        raise FerrolmError(
+            f"text_column and label_column are both {text_column!r}: the text and the label must be "
+            "different columns (--text-column, --label-column)"
+        )
 
 
 def lr_at(step: int, total_steps: int, warmup: int, lr: float) -> float:
@@ -200,12 +220,13 @@ def read_examples(
     ``FerrolmError`` naming the file, the line and the column.
     """
     path = Path(path)
+    _check_columns(text_column, label_column)
     kind = DATA_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise FerrolmError(
             f"{path}: unknown data format {path.suffix!r}: use .csv, .tsv or .jsonl (JSON lines)"
         )
-    raw = path.read_bytes()
+    raw = read_bytes(path, f"labelled data ({kind.upper()} with columns {text_column!r}, {label_column!r})")
     try:
         content = raw.decode("utf-8-sig")  # a byte-order mark (as Excel writes) is dropped
     except UnicodeDecodeError as error:
@@ -260,6 +281,12 @@ def _delimited_records(path: Path, content: str, kind: str) -> list[tuple[int, d
             if not row:  # a blank line
                 continue
             if header is None:
+                repeated = sorted({name for name in row if row.count(name) > 1})
+                if repeated:
+                    raise FerrolmError(
+                        f"{path}:{start}: the header names {', '.join(map(repr, repeated))} more than once; "
+                        "every column needs its own name"
+                    )
                 header = row
                 continue
             if len(row) != len(header):
@@ -274,21 +301,10 @@ def _delimited_records(path: Path, content: str, kind: str) -> list[tuple[int, d
 
 
 def _jsonl_records(path: Path, content: str) -> list[tuple[int, dict[str, Any]]]:
-    records = []
-    # Only "\n" ends a line: str.splitlines() would also split at U+2028, U+0085... inside strings.
-    for line, text in enumerate(content.split("\n"), start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise FerrolmError(
-                f"{path}:{line}: not valid JSON ({error.msg} at column {error.colno}); "
-                "expected JSON lines: one object per line"
-            ) from None
+    records = parse_jsonl(path, content, "JSON lines: one object per line")
+    for line, record in records:
         if not isinstance(record, dict):
             raise FerrolmError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
-        records.append((line, record))
     return records
 
 
@@ -451,10 +467,7 @@ def load_backbone(path: str | os.PathLike[str]) -> tuple[GPT, Any]:
         )
     model = load_pretrained(path)
     tokenizer = Tokenizer.from_pretrained(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise FerrolmError(
-            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}"
-        )
+    check_vocab(tokenizer.vocab_size, model.config.vocab_size, path, path)
     return model, tokenizer
 
 
@@ -478,6 +491,7 @@ def _full_weights(ctx: distributed.Context, model: SequenceClassifier) -> dict[s
 
 def _start_out(out: Path, tokenizer: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # what a killed run left half-written (only ours: see ferrolm._files)
     atomic_write_text(out / "tokenizer.json", tokenizer.to_json())
 
 
@@ -491,13 +505,12 @@ def _save_best(out: Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]
     from safetensors.torch import save_file
 
     name = f"model-epoch-{meta['epoch']:03d}.safetensors"
-    tmp = out / f".{name}.tmp"
-    save_file({k: v.cpu() for k, v in weights.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / name)
-    meta = {**meta, "weights": name, "sha256": _sha256(out / name)}
-    atomic_write_text(out / CLASSIFIER_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    weights = {k: v.cpu() for k, v in weights.items()}
+    check_finite(weights, f"epoch {meta['epoch']}", ": the run diverged; not saved (lower --lr)")
+    with atomic_file(out / name) as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    meta = {**meta, "weights": name, "size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    atomic_write_json(out / CLASSIFIER_FILE, meta)
     for old in out.glob("model-epoch-*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -589,6 +602,8 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
     # --- model: the pretrained backbone, a fresh head (the same seed: the same head on every rank) ----
     torch.manual_seed(config.seed)
     gpt, tokenizer = ctx.agreed(load_backbone, config.model)
+    shards = ctx.world_size if ctx.parallel == "fsdp" else 1  # the weights fit; does their training?
+    check_memory(gpt.config, device, training=True, shards=shards, source=f"finetune {config.model}")
     pad_id = tokenizer.eot_token
     if pad_id is None:
         raise FerrolmError(f"{config.model}: the tokenizer has no <|endoftext|> (or </s>) token to pad with")
@@ -668,13 +683,17 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
             # DDP and FSDP average the ranks' gradients; x world_size makes that average their sum, the
             # gradient of the global batch's mean loss: the one a single process computes.
             (loss * ctx.world_size).backward()
+            # The slices' losses add up to the global batch's mean; the job's tokens for the speed.
+            job = torch.tensor([float(loss.detach()), tokens], dtype=torch.float64, device=device)
+            batch_loss, job_tokens = ctx.all_reduce(job).tolist()
+            # Every rank sees the same sum, so all stop together, before the step spreads NaN weights.
+            _check_loss(
+                batch_loss, f"the training loss at step {step + 1} (epoch {epoch}, lr {lr:.3g})", out, best
+            )
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            # The slices' losses add up to the global batch's mean; the job's tokens for the speed.
-            job = torch.tensor([float(loss.detach()), tokens], dtype=torch.float64, device=device)
-            batch_loss, job_tokens = ctx.all_reduce(job).tolist()
             train_loss += batch_loss * len(batch)
             train_count += len(batch)
             tokens_per_s = job_tokens / max(time.perf_counter() - started, 1e-9)
@@ -685,6 +704,7 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
         # sum is exact and the same on every rank: so are the metrics and the best-epoch decision.
         log_probs = _log_probs(model, eval_x, pad_id, config.batch_size, device, ctx.rank, ctx.world_size)
         result = _score(ctx.all_reduce(log_probs.to(device)).cpu(), eval_y)
+        _check_loss(result["loss"], f"the eval loss after epoch {epoch}", out, best)
         is_best = best is None or (result["accuracy"], -result["loss"]) > (best["accuracy"], -best["loss"])
         records.append(
             {
@@ -721,6 +741,19 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
     }
 
 
+def _check_loss(loss: float, what: str, out: Path, best: dict[str, Any] | None) -> None:
+    """A NaN or infinite loss stops fine-tuning with an error: a diverged model is never saved as the
+    best epoch, and the command does not exit 0."""
+    if math.isfinite(loss):
+        return
+    kept = (
+        f"the best classifier so far (epoch {best['epoch']}) is in {out}"
+        if best is not None
+        else "nothing was saved"
+    )
+    raise FerrolmError(f"{what} is {loss}: fine-tuning diverged; {kept}; lower --lr (or --grad-clip)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and prediction
 
@@ -746,9 +779,14 @@ class Classifier:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{run_dir}: no {CLASSIFIER_FILE} (not a ferrolm finetune output)")
         meta = read_versioned_json(meta_path, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "classifier")
-        weights_path = run_dir / meta["weights"]
-        check_file(weights_path, meta["sha256"], meta_path)
-        state = _read_tensors(weights_path)
+        name = meta.get("weights")
+        if not isinstance(name, str) or not re.fullmatch(r"model-epoch-[0-9]{3,}\.safetensors", name):
+            raise FerrolmError(
+                f"{meta_path}: weights must name a model-epoch-NNN.safetensors file in {run_dir}, got {name!r}"
+            )
+        weights_path = run_dir / name
+        check_file(weights_path, meta.get("sha256"), meta_path, size=meta.get("size"))
+        state = read_tensors(weights_path)
         score = state.pop("score.weight", None)
         if score is None or tuple(score.shape) != (meta["num_labels"], meta["model_config"]["n_embd"]):
             raise FerrolmError(f"{weights_path}: no score.weight of shape ({meta['num_labels']}, n_embd)")

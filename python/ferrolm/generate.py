@@ -28,12 +28,14 @@ def load_for_generation(path: str | os.PathLike[str], device: str = "cpu") -> tu
     """(model in eval mode, ferrolm Tokenizer) from a ``ferrolm pretrain`` run directory or a Hugging
     Face directory (``ferrolm export`` output, or GPT-2 / Llama files)."""
     from ferrolm import Tokenizer
-    from ferrolm.train import load_pretrained
+    from ferrolm.checkpoint import check_vocab, load_pretrained
 
     model = load_pretrained(path, device)
     if not model.config.causal:
         raise FerrolmError(f"{path}: a masked-LM encoder cannot generate text")
-    return model, Tokenizer.from_pretrained(path)
+    tokenizer = Tokenizer.from_pretrained(path)
+    check_vocab(tokenizer.vocab_size, model.config.vocab_size, path, f"in {path}")
+    return model, tokenizer
 
 
 def sample_next(

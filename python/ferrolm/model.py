@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ferrolm._core import FerrolmError
 from ferrolm.kernels import flash_attention, flash_attention_varlen
+from ferrolm.memory import check_memory
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "KVCache", "mask_tokens"]
 
@@ -314,6 +315,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config.validate()
+        check_memory(config)  # before allocating: an impossible size is one error with its figure
         V, C = config.padded_vocab_size, config.n_embd
         layers: dict[str, nn.Module] = dict(wte=nn.Embedding(V, C))
         if config.arch == "gpt2":

@@ -16,22 +16,18 @@ loop, then metrics and the plot. ``ferrolm pretrain`` is a thin shell over ``pre
   window, so N ranks take the step one process takes on the same rows (up to summation order). Only rank 0
   writes files; checkpoints are gathered into the single-device layout, so they resume on any number of
   ranks with the same global batch and export as usual.
-- Files (convention 8): a checkpoint is written into a temporary directory, each file fsynced, the
-  directory renamed to ``checkpoints/step-NNNNNNNN``, and only then the ``checkpoints/latest`` pointer
-  replaced; a crash at any point leaves the last good checkpoint and its pointer intact. No pickle:
-  tensors in safetensors, everything else in JSON.
+- Files: checkpoints (written atomically, every field checked on the way back) are
+  ``ferrolm.checkpoint``; crash-safe writes and reads that name the file are ``ferrolm._files``. A resume
+  removes the temporaries a killed run left (only ours) and drops a torn last line of metrics.jsonl.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -43,18 +39,61 @@ import torch
 
 from ferrolm import distributed
 from ferrolm._core import FerrolmError
+from ferrolm._files import (
+    atomic_file,
+    atomic_write_text,
+    copy_file_atomic,
+    read_jsonl,
+    read_text,
+    remove_stale_temporaries,
+    sha256_file,
+)
+from ferrolm.checkpoint import (
+    load_checkpoint,
+    load_model,
+    load_pretrained,
+    model_config_from,
+    optimizer_state,
+    read_tensors,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from ferrolm.memory import check_memory
 from ferrolm.model import GPT, IGNORE_INDEX, GPTConfig, mask_tokens
 
 __all__ = ["TrainConfig", "load_checkpoint", "load_model", "load_pretrained", "plot_metrics", "pretrain"]
 
-CHECKPOINT_FORMAT = "ferrolm-checkpoint"
-CHECKPOINT_VERSION = 1
 # Dense bf16 tensor-core peaks (no sparsity) for MFU: H100 SXM 989 TFLOP/s, A100 312 TFLOP/s.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Config
+
+
+def check_number(
+    source: str,
+    name: str,
+    value: Any,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    """The one rule for the float options of ``TrainConfig`` and ``FinetuneConfig``: a finite real number
+    (not a bool, a string, NaN or infinity) in the interval from ``low`` to ``high`` (an open end
+    excludes its bound: ``lr`` must be > 0). Raises ``FerrolmError`` naming the field and the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        if high == math.inf:
+            wanted = f"{'>' if open_low else '>='} {low:g}"
+        else:
+            wanted = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise FerrolmError(f"{source}: {name} must be a finite number {wanted}, got {value!r}")
 
 
 @dataclass
@@ -114,7 +153,9 @@ class TrainConfig:
             raise FerrolmError(f"train config: objective must be 'clm' or 'mlm', got {self.objective!r}")
         if self.packing not in ("concat", "best_fit"):
             raise FerrolmError(f"train config: packing must be 'concat' or 'best_fit', got {self.packing!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if not isinstance(self.device, str) or (
+            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
+        ):
             raise FerrolmError(f"train config: device must be cpu, cuda or auto, got {self.device!r}")
         for name in (
             "batch_size",
@@ -125,14 +166,30 @@ class TrainConfig:
             "log_interval",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise FerrolmError(f"train config: seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("compile", "doc_mask", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise FerrolmError(f"train config: {name} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_steps", "max_tokens", "seq_len", "grad_accum", "global_batch_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or self.warmup < 0 or self.grad_clip < 0:
-            raise FerrolmError("train config: lr must be > 0, warmup and grad_clip >= 0")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise FerrolmError(f"train config: warmup must be an integer >= 0, got {self.warmup!r}")
+        source = "train config"
+        check_number(source, "lr", self.lr, open_low=True)
+        check_number(source, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number(source, "mask_prob", self.mask_prob, 0.0, 1.0, open_low=True)
+        check_number(source, "weight_decay", self.weight_decay)
+        check_number(source, "beta1", self.beta1, 0.0, 1.0, open_high=True)
+        check_number(source, "beta2", self.beta2, 0.0, 1.0, open_high=True)
+        check_number(source, "eps", self.eps, open_low=True)
+        check_number(source, "grad_clip", self.grad_clip)
+        if not isinstance(self.model, dict):
+            raise FerrolmError(f"train config: model must be a table of GPTConfig fields, got {self.model!r}")
         if self.parallel not in distributed.PARALLEL_MODES:
             raise FerrolmError(
                 f"train config: parallel must be auto, none, ddp or fsdp, got {self.parallel!r}"
@@ -172,11 +229,10 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as error:
-            raise FerrolmError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return tomllib.loads(read_text(path, "a run.toml (TrainConfig keys, a [model] table)"))
+    except tomllib.TOMLDecodeError as error:
+        raise FerrolmError(f"{path}: not valid TOML: {error}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,225 +254,6 @@ def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
     progress = (step - warmup) / max(1, max_steps - warmup)  # 0 -> 1
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write to a temporary name in the same directory, fsync, rename (convention 8)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _b64(tensor: torch.Tensor) -> str:
-    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state(mlm_generator: torch.Generator | None) -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    return {
-        "python": [version, list(internal), gauss],
-        "torch_cpu": _b64(torch.get_rng_state()),
-        "torch_cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "mlm": _b64(mlm_generator.get_state()) if mlm_generator is not None else None,
-    }
-
-
-def _set_rng_state(state: dict[str, Any], mlm_generator: torch.Generator | None) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(_unb64(state["torch_cpu"]))
-    if state["torch_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["torch_cuda"]])
-    if mlm_generator is not None and state["mlm"] is not None:
-        mlm_generator.set_state(_unb64(state["mlm"]))
-
-
-def _optimizer_tensors(
-    optimizer: torch.optim.Optimizer | dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """AdamW's state (an optimizer, or its state dict in torch.optim's index layout) as flat tensors
-    ``state.{param index}.{exp_avg|exp_avg_sq|step}`` plus JSON groups."""
-    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-    tensors = {
-        f"state.{index}.{key}": value.detach().cpu().contiguous()
-        for index, entries in sd["state"].items()
-        for key, value in entries.items()
-        if isinstance(value, torch.Tensor)
-    }
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of ``_optimizer_tensors``: a state dict ``optimizer.load_state_dict`` takes."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _load_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    optimizer.load_state_dict(_optimizer_state(tensors, meta))
-
-
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
-    meta: dict[str, Any],
-    keep: int,
-) -> Path:
-    """Write checkpoints/step-NNNNNNNN atomically, then point checkpoints/latest at it."""
-    return write_checkpoint(run_dir, step, model.weights(), optimizer.state_dict(), meta, keep)
-
-
-def write_checkpoint(
-    run_dir: Path,
-    step: int,
-    weights: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    meta: dict[str, Any],
-    keep: int,
-) -> Path:
-    """``save_checkpoint`` from tensors: the model's weights (no tied duplicate) and the optimizer's
-    state dict in torch.optim's index layout (what ``ferrolm.distributed`` gathers on rank 0)."""
-    from safetensors.torch import save_file
-
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-    files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "step": step,
-        "files": files,
-        "optimizer": opt_meta,
-        **meta,
-    }
-    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    for f in tmp.iterdir():  # every byte on disk before the rename makes the directory visible
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():  # a re-run of the same step (after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / "latest", name + "\n")  # last: its presence means `name` is complete
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(run_dir: str | os.PathLike[str], *, verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint directory, its state.json) of a run's latest checkpoint, checked for completeness
-    (``verify=False``: without hashing the tensor files, for a caller that only needs state.json)."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"{run_dir}: no checkpoint ({pointer} does not exist)")
-    path = root / pointer.read_text(encoding="utf-8").strip()
-    state_path = path / "state.json"
-    if not state_path.is_file():
-        raise FerrolmError(f"{pointer} names {path.name}, which has no state.json (incomplete checkpoint)")
-    state = read_versioned_json(state_path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
-    for name, digest in state["files"].items():
-        check_file(path / name, digest if verify else None, state_path)
-    return path, state
-
-
-def read_versioned_json(path: Path, format_name: str, version: int, kind: str) -> dict[str, Any]:
-    """A ferrolm JSON record (checkpoint state, classifier) whose ``format`` and ``version`` must match."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FerrolmError(f"{path}: corrupt {kind} record ({error})") from None
-    if not isinstance(data, dict) or data.get("format") != format_name or data.get("version") != version:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise FerrolmError(f"{path}: not a ferrolm {kind} (format={found!r})")
-    return data
-
-
-def check_file(file: Path, sha256: str | None, named_by: Path) -> None:
-    """``file`` exists and (unless ``sha256`` is None) has the digest ``named_by`` recorded for it."""
-    if not file.is_file():
-        raise FerrolmError(f"{file}: missing (named by {named_by})")
-    if sha256 is not None and _sha256(file) != sha256:
-        raise FerrolmError(f"{file}: corrupt (sha256 differs from the one recorded in {named_by})")
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors' own error type for malformed files
-        raise FerrolmError(f"{path}: not a readable safetensors file ({error})") from None
-
-
-def load_model(run_dir: str | os.PathLike[str], device: str = "cpu", **overrides: Any) -> GPT:
-    """The model of a run's latest checkpoint, in eval mode; ``overrides`` change GPTConfig fields
-    that do not change the weights' shapes (e.g. dropout)."""
-    path, state = load_checkpoint(run_dir)
-    model = GPT(GPTConfig.from_dict({**state["model_config"], **overrides}))
-    model.load_weights(_read_tensors(path / "model.safetensors"), source=str(path / "model.safetensors"))
-    return model.to(device).eval()
-
-
-def load_pretrained(path: str | os.PathLike[str], device: str = "cpu", **overrides: Any) -> GPT:
-    """The model of a ferrolm run directory (its latest checkpoint) or of a Hugging Face directory
-    (``ferrolm export`` output, GPT-2 / Llama files), in eval mode."""
-    if (Path(path) / "checkpoints" / "latest").is_file():
-        return load_model(path, device, **overrides)
-    if (Path(path) / "config.json").is_file():
-        return GPT.from_pretrained(path, **overrides).to(device).eval()
-    raise FileNotFoundError(
-        f"{path}: neither a ferrolm run (checkpoints/latest) nor a Hugging Face directory"
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,23 +325,30 @@ def _train(
     start_state: dict[str, Any] | None = None
     if resume:
         start_state = ctx.on_main(_resume_state, config, tokenizer_sha, global_batch, share=True)
-        model_config = GPTConfig.from_dict(start_state["model_config"])
+        model_config = model_config_from(
+            start_state["model_config"], Path(start_state["path"]) / "state.json"
+        )
     else:
         ctx.on_main(_check_new_run, run_dir)
         model_config = None
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     random.seed(config.seed)
+    model: GPT | None = None
     if model_config is None and config.init_from:
         model = ctx.agreed(_pretrained_model, config.init_from, config.model)
         model_config = model.config
     else:
         model_config = model_config or _model_config(config, manifest.vocab_size)
-        model = GPT(model_config)
     if model_config.vocab_size != manifest.vocab_size:
         raise FerrolmError(
             f"{config.data}: the shards' tokenizer has {manifest.vocab_size} tokens, the model "
             f"{model_config.vocab_size}: shard the corpus with the model's tokenizer"
         )
+    # Before any allocation: an impossible size is refused with its figure (ferrolm.memory).
+    shards = ctx.world_size if ctx.parallel == "fsdp" else 1
+    check_memory(model_config, device, training=True, shards=shards, source="pretrain")
+    if model is None:
+        model = GPT(model_config)
     seq_len = config.seq_len or model_config.block_size
     if seq_len > model_config.block_size:
         raise FerrolmError(f"seq_len {seq_len} exceeds the model's context {model_config.block_size}")
@@ -555,7 +399,10 @@ def _train(
     if start_state is not None:
         optimizer_state = ctx.on_main(_read_optimizer, ckpt_path, start_state["optimizer"])
         ctx.load_optimizer_state(model, optimizer, optimizer_state or {})
-        loader.load_state_dict(start_state["loader"])  # the global stream: any world size continues it
+        try:  # the global stream: any world size continues it
+            loader.load_state_dict(start_state["loader"])
+        except (TypeError, ValueError) as error:
+            raise FerrolmError(f"{Path(start_state['path']) / 'state.json'}: loader: {error}") from None
         _restore_rng(start_state, ctx.rank, mlm_generator, config.seed)
         step, tokens = start_state["step"], start_state["tokens"]
     ctx.on_main(_start_metrics, metrics_path, step if start_state is not None else None)
@@ -616,7 +463,7 @@ def _train(
 
     def checkpoint() -> None:
         model_sd, optimizer_sd = ctx.full_state(model, optimizer)  # on rank 0 (FSDP: all-gathered)
-        rng = ctx.gather_json(_rng_state(mlm_generator))  # every rank's random streams
+        rng = ctx.gather_json(rng_state(mlm_generator))  # every rank's random streams
         meta = {
             "tokens": tokens,
             "model_config": model_config.to_dict(),
@@ -736,8 +583,12 @@ def _train(
 
 
 def _resume_state(config: TrainConfig, tokenizer_sha: str, global_batch: int) -> dict[str, Any]:
-    """The latest checkpoint's state.json (plus its ``path``), checked against the config."""
-    path, state = load_checkpoint(config.out)
+    """The latest checkpoint's state.json (plus its ``path``), checked against the config, after the
+    temporaries a killed run left in the run directory are removed (only ours: see ``_files``)."""
+    run_dir = Path(config.out)
+    for directory in (run_dir, run_dir / "checkpoints"):
+        remove_stale_temporaries(directory)
+    path, state = load_checkpoint(run_dir)
     _check_resume_compatible(config, state, tokenizer_sha, path, global_batch)
     return {**state, "path": str(path)}
 
@@ -752,9 +603,7 @@ def _prepare_run_dir(run_dir: Path, manifest: Any) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_copy = run_dir / "tokenizer.json"
     if not tok_copy.exists():
-        tmp = tok_copy.with_name(f".{tok_copy.name}.tmp")
-        shutil.copyfile(manifest.directory / manifest.data["tokenizer"]["file"], tmp)
-        os.replace(tmp, tok_copy)
+        copy_file_atomic(manifest.directory / manifest.data["tokenizer"]["file"], tok_copy)
 
 
 def _start_metrics(path: Path, step: int | None) -> None:
@@ -771,11 +620,12 @@ def _pretrained_model(init_from: str, overrides: dict[str, Any]) -> GPT:
 
 
 def _load_weights(model: GPT, path: Path) -> None:
-    model.load_weights(_read_tensors(path), source=str(path.parent))
+    model.load_weights(read_tensors(path), source=str(path.parent))
 
 
 def _read_optimizer(ckpt_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    return _optimizer_state(_read_tensors(ckpt_path / "optimizer.safetensors"), meta)
+    path = ckpt_path / "optimizer.safetensors"
+    return optimizer_state(read_tensors(path), meta, str(path))
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -788,7 +638,7 @@ def _restore_rng(state: dict[str, Any], rank: int, mlm_generator: torch.Generato
     processes) start fresh ones derived from the seed and the step."""
     states = state.get("rng_by_rank") or [state["rng"]]
     if rank < len(states):
-        _set_rng_state(states[rank], mlm_generator)
+        set_rng_state(states[rank], mlm_generator, str(Path(state["path"]) / "state.json"))
         return
     derived = _rank_seed(seed + state["step"], rank)
     torch.manual_seed(derived)
@@ -797,23 +647,50 @@ def _restore_rng(state: dict[str, Any], rank: int, mlm_generator: torch.Generato
         mlm_generator.manual_seed(derived)
 
 
+# What fixes the data stream and the model, compared on resume; with the global batch (batch_size,
+# global_batch_size) a checkpoint must record them. Everything else (max_steps, intervals, the number of
+# ranks and how the global batch splits into them...) may change.
+RESUME_FIELDS = ("preset", "model", "objective", "seq_len", "packing", "doc_mask", "seed")
+
+
+def saved_train_config(state: dict[str, Any], path: Path) -> TrainConfig:
+    """The TrainConfig a checkpoint (directory ``path``) was trained with; a bad field names the file.
+    The fields a resume compares must be recorded: a default is a guess, not what the run used."""
+    missing = [
+        k for k in (*RESUME_FIELDS, "batch_size", "global_batch_size") if k not in state["train_config"]
+    ]
+    if missing:
+        raise FerrolmError(f"{path / 'state.json'}: train_config does not record {', '.join(missing)}")
+    try:
+        return TrainConfig.from_dict(state["train_config"], source="train_config").validate()
+    except (TypeError, ValueError) as error:
+        raise FerrolmError(f"{path / 'state.json'}: train_config: {error}") from None
+
+
 def _check_resume_compatible(
     config: TrainConfig, state: dict[str, Any], tokenizer_sha: str, path: Path, global_batch: int
 ) -> None:
+    state_path = path / "state.json"
     if state["tokenizer_sha256"] != tokenizer_sha:
         raise FerrolmError(
             f"{config.data}: its tokenizer differs from the one {path} was trained with (sha256 "
             f"{tokenizer_sha[:12]}... vs {state['tokenizer_sha256'][:12]}...)"
         )
-    saved = state["train_config"]
-    # What fixes the data stream and the model; everything else (max_steps, intervals, the number of
-    # ranks and how the global batch splits into them...) may change.
-    for key in ("preset", "model", "objective", "seq_len", "packing", "doc_mask", "seed"):
-        if saved[key] != getattr(config, key):
+    # The run's own copy, the one export and generate use, must be the tokenizer the weights know.
+    tok_copy = Path(config.out) / "tokenizer.json"
+    if tok_copy.is_file() and sha256_file(tok_copy) != state["tokenizer_sha256"]:
+        raise FerrolmError(
+            f"{tok_copy}: not the tokenizer {path} was trained with (its sha256 differs from "
+            f"tokenizer_sha256 in {state_path}); restore it or delete it to copy it again from {config.data}"
+        )
+    saved = saved_train_config(state, path)
+    for key in RESUME_FIELDS:
+        if getattr(saved, key) != getattr(config, key):
             raise FerrolmError(
-                f"--resume: {key} is {getattr(config, key)!r} but the checkpoint {path} was trained with {saved[key]!r}"
+                f"--resume: {key} is {getattr(config, key)!r} but the checkpoint {path} was trained with "
+                f"{getattr(saved, key)!r}"
             )
-    saved_global = saved.get("global_batch_size") or saved["batch_size"] * saved["grad_accum"]
+    saved_global = saved.global_batch_size or saved.batch_size * (saved.grad_accum or 1)
     if saved_global != global_batch:
         raise FerrolmError(
             f"--resume: the global batch is {global_batch} rows (batch_size is {config.batch_size} per "
@@ -830,13 +707,10 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step``; a torn last line (a crash mid-append) is dropped."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
+    kept = [json.dumps(record) for record in read_metrics(path.parent) if record["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -893,10 +767,18 @@ class _Progress:
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; a torn last line (a crash mid-append) is dropped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics (not a ferrolm run directory?)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    what = "ferrolm metrics: one JSON object with kind and an integer step per line"
+    records = []
+    for line, record in read_jsonl(path, what, torn_tail=True):
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or "kind" not in record:
+            raise FerrolmError(f"{path}:{line}: expected {what}, got {str(record)[:80]}")
+        records.append(record)
+    return records
 
 
 def plot_metrics(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
@@ -920,8 +802,7 @@ def plot_metrics(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     ax.grid(alpha=0.3)
     ax.legend()
     out = Path(out) if out is not None else Path(run_dir) / "loss.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
