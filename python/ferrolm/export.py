@@ -1,10 +1,13 @@
 """Hugging Face export: a ferrolm model (or run directory) -> a directory ``transformers`` loads.
 
-Writes ``config.json`` (``GPT2LMHeadModel`` or ``LlamaForCausalLM``; for a ``ferrolm finetune`` classifier
-``GPT2ForSequenceClassification`` or ``LlamaForSequenceClassification``), ``model.safetensors`` (metadata
-``{"format": "pt"}``, vocabulary padding cropped), ``generation_config.json``, and the tokenizer:
-``tokenizer.json`` plus a ``tokenizer_config.json`` naming ``PreTrainedTokenizerFast``, so that
-``AutoTokenizer.from_pretrained`` works too. Every file goes through a temporary name and a rename.
+Writes ``config.json`` (``GPT2LMHeadModel``, ``LlamaForCausalLM`` or, for a RoBERTa encoder,
+``RobertaForMaskedLM``; for a ``ferrolm finetune`` classifier ``GPT2ForSequenceClassification``,
+``LlamaForSequenceClassification`` or ``RobertaForSequenceClassification``: the adapters of
+``ferrolm.hf``), ``model.safetensors`` (metadata ``{"format": "pt"}``, vocabulary padding cropped),
+``generation_config.json``, and the tokenizer: ``tokenizer.json`` plus a ``tokenizer_config.json`` naming
+``PreTrainedTokenizerFast``, so that ``AutoTokenizer.from_pretrained`` works too (for a RoBERTa model
+the tokenizer frames texts as ``<s> text </s>``, as RoBERTa's does). Every file goes through a temporary
+name and a rename.
 
 >>> export_run("runs/tiny", "hf/tiny")                                   # doctest: +SKIP
 >>> GPT2LMHeadModel.from_pretrained("hf/tiny")                           # doctest: +SKIP
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ferrolm.hf import classifier_to_hf
 from ferrolm.model import GPT, GPTConfig, config_to_hf, state_to_hf
 
 __all__ = ["export_classifier", "export_hf", "export_run"]
@@ -36,22 +40,20 @@ def export_hf(
 
 
 def export_classifier(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Export a ``ferrolm finetune`` output as ``GPT2ForSequenceClassification`` (or
-    ``LlamaForSequenceClassification``): the backbone as in the LM export without its LM head,
-    ``score.weight``, ``num_labels``, ``id2label``/``label2id`` (label names as strings, as Hugging Face
-    keeps them) and ``pad_token_id`` (the padding the classifier was trained with)."""
+    """Export a ``ferrolm finetune`` output as ``GPT2ForSequenceClassification``,
+    ``LlamaForSequenceClassification`` or ``RobertaForSequenceClassification`` (the backbone's family):
+    the backbone as in the LM export without its LM head, the head under the class's names (``score``;
+    RoBERTa's ``classifier.dense`` + ``classifier.out_proj``), ``num_labels``, ``id2label``/``label2id``
+    (label names as strings, as Hugging Face keeps them) and ``pad_token_id`` (the padding the classifier
+    was trained with)."""
     from ferrolm.finetune import Classifier
 
     classifier = Classifier.load(run_dir)
     meta, gpt = classifier.meta, classifier.model.gpt
-    state = state_to_hf(gpt)
-    state.pop("lm_head.weight", None)  # an untied LM head: the classification class has none
-    state["score.weight"] = classifier.model.score.weight
+    state, architecture = classifier_to_hf(gpt, classifier.model.head_weights())
     labels = [str(label) for label in meta["labels"]]
     head = dict(
-        architectures=[
-            "GPT2ForSequenceClassification" if gpt.config.arch == "gpt2" else "LlamaForSequenceClassification"
-        ],
+        architectures=[architecture],
         num_labels=len(labels),
         id2label={str(i): label for i, label in enumerate(labels)},
         label2id={label: i for i, label in enumerate(labels)},
@@ -77,12 +79,16 @@ def _write_hf(
     out.mkdir(parents=True, exist_ok=True)
     eos_id = bos_id = None
     eos_token = None
+    specials: dict[str, int] = {}
     if tokenizer_file is not None:
         from ferrolm import Tokenizer
 
         tok = Tokenizer.from_pretrained(tokenizer_file)
+        specials = tok.special_tokens
         eos_id = bos_id = tok.eot_token
         eos_token = next((name for name, i in tok.special_tokens.items() if i == eos_id), None)
+        if config.spec.pooling == "first":  # RoBERTa: <s> begins a text, </s> ends it
+            bos_id, eos_id = specials.get("<s>", bos_id), specials.get("</s>", eos_id)
     hf_config = {**config_to_hf(config, bos_id=bos_id, eos_id=eos_id), **(head or {})}
     state = {k: v.detach().float().cpu().contiguous() for k, v in hf_state.items()}
     tmp = out / ".model.safetensors.tmp"
@@ -91,7 +97,12 @@ def _write_hf(
     atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
     generation: dict[str, Any] = {"bos_token_id": bos_id, "eos_token_id": eos_id}
     atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-    if tokenizer_file is not None:
+    if tokenizer_file is not None and config.spec.pooling == "first":
+        atomic_write_text(out / "tokenizer.json", _framed_tokenizer_json(Path(tokenizer_file), specials))
+        atomic_write_text(
+            out / "tokenizer_config.json", json.dumps(_roberta_tokens(config, specials), indent=2) + "\n"
+        )
+    elif tokenizer_file is not None:
         tmp = out / ".tokenizer.json.tmp"
         shutil.copyfile(tokenizer_file, tmp)
         os.replace(tmp, out / "tokenizer.json")
@@ -106,6 +117,38 @@ def _write_hf(
             tok_config["pad_token"] = eos_token if head["pad_token_id"] == eos_id else None
         atomic_write_text(out / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
     return out
+
+
+def _framed_tokenizer_json(path: Path, specials: dict[str, int]) -> str:
+    """The tokenizer.json with RoBERTa's post-processor: ``<s> text </s>`` (and ``<s> a </s></s> b </s>``
+    for pairs), what ``ferrolm.finetune.text_frame`` feeds a RoBERTa classifier."""
+    from ferrolm._core import FerrolmError
+
+    missing = [name for name in ("<s>", "</s>") if name not in specials]
+    if missing:
+        raise FerrolmError(f"{path}: a RoBERTa tokenizer needs <s> and </s>; it lacks {', '.join(missing)}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["post_processor"] = {
+        "type": "RobertaProcessing",
+        "sep": ["</s>", specials["</s>"]],
+        "cls": ["<s>", specials["<s>"]],
+        "trim_offsets": False,
+        "add_prefix_space": False,
+    }
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _roberta_tokens(config: GPTConfig, specials: dict[str, int]) -> dict[str, Any]:
+    """tokenizer_config.json of a RoBERTa model: its special tokens by role, as RobertaTokenizer names them."""
+    roles = dict(
+        bos_token="<s>", cls_token="<s>", eos_token="</s>", sep_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", mask_token="<mask>",
+    )  # fmt: skip
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.block_size,
+        **{role: name if name in specials else None for role, name in roles.items()},
+    }
 
 
 def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
