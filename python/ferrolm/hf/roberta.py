@@ -142,6 +142,8 @@ def state_to_hf(config: GPTConfig, weights: dict[str, torch.Tensor]) -> dict[str
             out["roberta." + _EMBEDDINGS[name]] = t
         elif name in _HEAD:
             out[_HEAD[name]] = t
+            if name == "lm_head.bias":  # the decoder's own bias: one parameter with lm_head.bias only
+                out["lm_head.decoder.bias"] = t.clone()  # when the embeddings are tied
         else:
             layer, rest = split_layer_name(name)  # transformer.h.{layer}.{rest}
             module, kind = rest.rsplit(".", 1)  # e.g. "attn.c_attn", "weight"
