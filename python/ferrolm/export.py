@@ -128,6 +128,9 @@ def _framed_tokenizer_json(path: Path, specials: dict[str, int]) -> str:
     if missing:
         raise FerrolmError(f"{path}: a RoBERTa tokenizer needs <s> and </s>; it lacks {', '.join(missing)}")
     data = json.loads(path.read_text(encoding="utf-8"))
+    for token in data.get("added_tokens") or []:
+        if token.get("content") == "<mask>":  # as RoBERTa's: "a <mask>" fills the word and its space
+            token["lstrip"] = True
     data["post_processor"] = {
         "type": "RobertaProcessing",
         "sep": ["</s>", specials["</s>"]],
