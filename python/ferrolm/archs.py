@@ -17,20 +17,33 @@ __all__ = ["ARCHS", "ArchSpec"]
 
 @dataclass(frozen=True)
 class ArchSpec:
-    norm: str  # "layernorm" (with bias) or "rmsnorm"
+    norm: str  # "layernorm" or "rmsnorm"
     norm_placement: str  # "pre": x + f(norm(x)), a final norm; "post": norm(x + f(x)), none after
-    mlp: str  # "gelu_tanh" (GPT-2's gelu_new), "gelu" (exact erf GELU, BERT) or "swiglu" (Llama)
+    # "gelu_tanh" (GPT-2's gelu_new), "gelu" (exact erf GELU, BERT), "swiglu" (Llama: silu(x W_g) * x W_u)
+    # or "geglu" (ModernBERT: gelu(x W_g) * x W_u)
+    mlp: str
     positions: str  # "learned" (an embedding per position) or "rope"
-    bias: bool  # biases on the attention and MLP linear layers
+    bias: bool  # biases on the attention, MLP and head linear layers
+    norm_bias: bool = True  # LayerNorm with a bias (ModernBERT's have none)
+    first_attn_norm: bool = True  # False: block 0 reads the (normed) embeddings directly (ModernBERT)
     embedding_norm: bool = False  # a norm right after the embeddings (BERT/RoBERTa)
     token_type: bool = False  # a (single-row) token-type embedding added to every token (BERT/RoBERTa)
     mlm_head: bool = False  # dense + GELU + norm before the LM head, and an LM-head bias (BERT/RoBERTa)
     encoder_only: bool = False  # bidirectional only (causal=False): no causal Hugging Face class
     pooling: str = "last"  # classification reads the "last" real token (GPT) or the "first" (<s>, BERT)
+    # The classification head: "linear" (GPT-2's score), "dense_tanh" (RoBERTa: dense, tanh, out_proj)
+    # or "dense_gelu_norm" (ModernBERT: dense, GELU, norm, classifier)
+    classifier: str = "linear"
+    frame_tokens: tuple[str, ...] = ()  # "first" pooling: (begin, end, pad) special tokens around a text
+    mask_token: str = "<mask>"  # an encoder's mask token in the tokenizer, when it has one
+    pad_token: str = "<pad>"
     hf_model_type: str = ""  # the Hugging Face config.json model_type (ferrolm.hf's adapter key)
 
     def default_mlp_hidden(self, n_embd: int) -> int:
-        if self.mlp == "swiglu":  # SwiGLU has 3 matrices: 2/3 of 4*C keeps the parameter count
+        if self.mlp in (
+            "swiglu",
+            "geglu",
+        ):  # a gated MLP has 3 matrices: 2/3 of 4*C keeps the parameter count
             return 64 * math.ceil(8 * n_embd / 3 / 64)
         return 4 * n_embd
 
@@ -68,6 +81,29 @@ ARCHS: dict[str, ArchSpec] = {
         mlm_head=True,
         encoder_only=True,
         pooling="first",
+        classifier="dense_tanh",
+        frame_tokens=("<s>", "</s>", "<pad>"),
         hf_model_type="roberta",
+    ),
+    # ModernBERT (Warner et al. 2024), global attention only: pre-norm LayerNorm without biases (none
+    # before block 0's attention), an embedding LayerNorm, RoPE, GeGLU, no linear biases, the MLM head
+    # (dense + GELU + LayerNorm, decoder bias); classification on [CLS] through the same kind of head.
+    "modernbert": ArchSpec(
+        norm="layernorm",
+        norm_placement="pre",
+        mlp="geglu",
+        positions="rope",
+        bias=False,
+        norm_bias=False,
+        first_attn_norm=False,
+        embedding_norm=True,
+        mlm_head=True,
+        encoder_only=True,
+        pooling="first",
+        classifier="dense_gelu_norm",
+        frame_tokens=("[CLS]", "[SEP]", "[PAD]"),
+        mask_token="[MASK]",
+        pad_token="[PAD]",
+        hf_model_type="modernbert",
     ),
 }

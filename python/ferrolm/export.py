@@ -87,8 +87,9 @@ def _write_hf(
         specials = tok.special_tokens
         eos_id = bos_id = tok.eot_token
         eos_token = next((name for name, i in tok.special_tokens.items() if i == eos_id), None)
-        if config.spec.pooling == "first":  # RoBERTa: <s> begins a text, </s> ends it
-            bos_id, eos_id = specials.get("<s>", bos_id), specials.get("</s>", eos_id)
+        frame = config.spec.frame_tokens  # an encoder's: <s> (or [CLS]) begins a text, </s> ([SEP]) ends it
+        if frame:
+            bos_id, eos_id = specials.get(frame[0], bos_id), specials.get(frame[1], eos_id)
     hf_config = {**config_to_hf(config, bos_id=bos_id, eos_id=eos_id), **(head or {})}
     state = {k: v.detach().float().cpu().contiguous() for k, v in hf_state.items()}
     tmp = out / ".model.safetensors.tmp"
@@ -97,11 +98,11 @@ def _write_hf(
     atomic_write_text(out / "config.json", json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
     generation: dict[str, Any] = {"bos_token_id": bos_id, "eos_token_id": eos_id}
     atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-    if tokenizer_file is not None and config.spec.pooling == "first":
-        atomic_write_text(out / "tokenizer.json", _framed_tokenizer_json(Path(tokenizer_file), specials))
-        atomic_write_text(
-            out / "tokenizer_config.json", json.dumps(_roberta_tokens(config, specials), indent=2) + "\n"
-        )
+    if tokenizer_file is not None and config.spec.frame_tokens:
+        framed = _framed_tokenizer_json(Path(tokenizer_file), config, specials)
+        atomic_write_text(out / "tokenizer.json", framed)
+        roles = _encoder_token_roles(config, specials)
+        atomic_write_text(out / "tokenizer_config.json", json.dumps(roles, indent=2) + "\n")
     elif tokenizer_file is not None:
         tmp = out / ".tokenizer.json.tmp"
         shutil.copyfile(tokenizer_file, tmp)
@@ -119,34 +120,28 @@ def _write_hf(
     return out
 
 
-def _framed_tokenizer_json(path: Path, specials: dict[str, int]) -> str:
-    """The tokenizer.json with RoBERTa's post-processor: ``<s> text </s>`` (and ``<s> a </s></s> b </s>``
-    for pairs), what ``ferrolm.finetune.text_frame`` feeds a RoBERTa classifier."""
+def _framed_tokenizer_json(path: Path, config: GPTConfig, specials: dict[str, int]) -> str:
+    """The tokenizer.json with the family's post-processor (RoBERTa's ``<s> text </s>``, ModernBERT's
+    ``[CLS] text [SEP]``): what ``ferrolm.finetune.text_frame`` feeds the classifier."""
     from ferrolm._core import FerrolmError
+    from ferrolm.hf import adapter
 
-    missing = [name for name in ("<s>", "</s>") if name not in specials]
+    missing = [name for name in config.spec.frame_tokens if name not in specials]
     if missing:
-        raise FerrolmError(f"{path}: a RoBERTa tokenizer needs <s> and </s>; it lacks {', '.join(missing)}")
+        raise FerrolmError(f"{path}: a {config.arch} tokenizer needs {', '.join(missing)}")
     data = json.loads(path.read_text(encoding="utf-8"))
     for token in data.get("added_tokens") or []:
-        if token.get("content") == "<mask>":  # as RoBERTa's: "a <mask>" fills the word and its space
+        if token.get("content") == config.spec.mask_token:  # "a <mask>" fills the word and its space
             token["lstrip"] = True
-    data["post_processor"] = {
-        "type": "RobertaProcessing",
-        "sep": ["</s>", specials["</s>"]],
-        "cls": ["<s>", specials["<s>"]],
-        "trim_offsets": False,
-        "add_prefix_space": False,
-    }
+    data["post_processor"] = adapter(config.arch).post_processor(specials)
     return json.dumps(data, ensure_ascii=False)
 
 
-def _roberta_tokens(config: GPTConfig, specials: dict[str, int]) -> dict[str, Any]:
-    """tokenizer_config.json of a RoBERTa model: its special tokens by role, as RobertaTokenizer names them."""
-    roles = dict(
-        bos_token="<s>", cls_token="<s>", eos_token="</s>", sep_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", mask_token="<mask>",
-    )  # fmt: skip
+def _encoder_token_roles(config: GPTConfig, specials: dict[str, int]) -> dict[str, Any]:
+    """tokenizer_config.json of an encoder: its special tokens by role (the adapter's names)."""
+    from ferrolm.hf import adapter
+
+    roles = adapter(config.arch).TOKEN_ROLES
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": config.block_size,

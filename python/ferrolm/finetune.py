@@ -323,8 +323,9 @@ class SequenceClassifier(nn.Module):
 
     - "last" (GPT-2, Llama: ``GPT2ForSequenceClassification``): a linear ``score`` (no bias) on each
       text's last real token, the only position that has read the whole text in a causal model;
-    - "first" (RoBERTa: ``RobertaClassificationHead``): the first token (``<s>``, see ``text_frame``),
-      then ``pool`` (dense) + tanh, then ``score`` (with bias).
+    - "first": the first token (``<s>`` or ``[CLS]``, see ``text_frame``) through ``spec.classifier``:
+      RoBERTa's ``RobertaClassificationHead`` ("dense_tanh": ``pool`` dense + tanh, then ``score`` with
+      bias) or ModernBERT's ("dense_gelu_norm": ``pool`` dense + GELU + ``pool_norm``, then ``score``).
 
     ``forward(idx (B, T), lengths (B,)) -> logits (B, num_labels)``; rows are right-padded, row ``b``'s
     real tokens are ``idx[b, :lengths[b]]``.
@@ -334,16 +335,20 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.gpt = gpt
         C = gpt.config.n_embd
-        self.pooling = gpt.config.spec.pooling
-        if self.pooling == "first":  # Hugging Face's RoBERTa head: dense + tanh + out_proj, with biases
-            self.pool = nn.Linear(C, C)
-            self.score = nn.Linear(C, num_labels)
-            nn.init.zeros_(self.pool.bias)
-            nn.init.zeros_(self.score.bias)
-            nn.init.normal_(self.pool.weight, mean=0.0, std=0.02)
-            self.dropout = nn.Dropout(gpt.config.dropout)
-        else:  # Hugging Face's `score`: no bias
+        spec = gpt.config.spec
+        self.pooling, self.head = spec.pooling, spec.classifier
+        if self.head == "linear":  # Hugging Face's `score`: no bias
             self.score = nn.Linear(C, num_labels, bias=False)
+        else:  # a dense layer first, then a classifier with a bias (RoBERTa's, ModernBERT's)
+            self.pool = nn.Linear(C, C, bias=spec.bias or self.head == "dense_tanh")
+            if self.head == "dense_gelu_norm":
+                self.pool_norm = nn.LayerNorm(C, eps=gpt.config.norm_eps, bias=spec.norm_bias)
+            self.score = nn.Linear(C, num_labels)
+            nn.init.normal_(self.pool.weight, mean=0.0, std=0.02)
+            for bias in (self.pool.bias, self.score.bias):
+                if bias is not None:
+                    nn.init.zeros_(bias)
+            self.dropout = nn.Dropout(gpt.config.dropout)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)  # like every other linear layer
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -357,10 +362,14 @@ class SequenceClassifier(nn.Module):
             kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=T)
         hidden, _ = self.gpt(idx, return_hidden=True, **kwargs)  # (B, T, C)
         if self.pooling == "first":
-            pooled = torch.tanh(self.pool(self.dropout(hidden[:, 0])))  # (B, C): the <s> token
-            return self.score(self.dropout(pooled))  # (B, num_labels)
-        last = hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real token
-        return self.score(last)  # (B, num_labels)
+            x = hidden[:, 0]  # (B, C): the <s> / [CLS] token
+        else:
+            x = hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real token
+        if self.head == "dense_tanh":
+            x = self.dropout(torch.tanh(self.pool(self.dropout(x))))  # (B, C)
+        elif self.head == "dense_gelu_norm":
+            x = self.dropout(self.pool_norm(F.gelu(self.pool(x))))  # (B, C)
+        return self.score(x)  # (B, num_labels)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         groups = self.gpt.optimizer_groups(weight_decay)
@@ -370,7 +379,8 @@ class SequenceClassifier(nn.Module):
         return groups
 
     def head_weights(self) -> dict[str, torch.Tensor]:
-        """The head's tensors: ``score.weight`` (and ``score.bias``, ``pool.*`` for "first" pooling)."""
+        """The head's tensors: ``score.weight`` (and ``score.bias``, ``pool.*``, ``pool_norm.*`` for the
+        dense heads)."""
         return {
             name: p.detach().contiguous()
             for name, p in self.named_parameters()
@@ -392,17 +402,20 @@ class TextFrame:
 
 
 def text_frame(config: GPTConfig, special_tokens: dict[str, int], source: str) -> TextFrame:
-    """The framing of the backbone's Hugging Face family: RoBERTa's tokenizer writes ``<s> text </s>``
-    and pads with ``<pad>`` (its classifier reads ``<s>``); GPT-2's adds nothing and users pad with
-    ``<|endoftext|>`` (the classifier reads the last real token, which never sees the pads)."""
-    if config.spec.pooling == "first":
-        missing = [name for name in ("<s>", "</s>", "<pad>") if name not in special_tokens]
+    """The framing of the backbone's Hugging Face family (``spec.frame_tokens``): RoBERTa's tokenizer
+    writes ``<s> text </s>`` and pads with ``<pad>`` (ModernBERT's: ``[CLS] text [SEP]``, ``[PAD]``), its
+    classifier reads the first token; GPT-2's adds nothing and users pad with ``<|endoftext|>`` (the
+    classifier reads the last real token, which never sees the pads)."""
+    frame = config.spec.frame_tokens
+    if frame:
+        begin, end, pad = frame
+        missing = [name for name in frame if name not in special_tokens]
         if missing:
             raise FerrolmError(
-                f"{source}: a {config.arch} classifier frames texts as <s> text </s> and pads with <pad>; "
-                f"the tokenizer lacks {', '.join(missing)}"
+                f"{source}: a {config.arch} classifier frames texts as {begin} text {end} and pads with "
+                f"{pad}; the tokenizer lacks {', '.join(missing)}"
             )
-        return TextFrame((special_tokens["<s>"],), (special_tokens["</s>"],), special_tokens["<pad>"])
+        return TextFrame((special_tokens[begin],), (special_tokens[end],), special_tokens[pad])
     for name in ("<|endoftext|>", "</s>", "<|end_of_text|>"):  # Tokenizer.eot_token's names
         if name in special_tokens:
             return TextFrame((), (), special_tokens[name])

@@ -9,6 +9,8 @@ biases, heads); the Hugging Face layouts are one adapter per architecture in ``f
   Hugging Face's ``gelu_new``), biases on every linear layer.
 - ``arch="llama"``: rotary positions (RoPE, the "rotate half" layout Hugging Face uses), RMSNorm, SwiGLU,
   no biases.
+- ``arch="modernbert"`` (an encoder only, global attention): pre-norm LayerNorm without biases, RoPE,
+  GeGLU, an embedding norm, ModernBERT's MLM head; ``[CLS]``/``[SEP]``/``[PAD]``/``[MASK]``.
 - ``arch="roberta"`` (an encoder only): BERT's post-norm blocks, an embedding LayerNorm, a token-type
   embedding, exact GELU, and the MLM head (dense + GELU + LayerNorm, then the tied decoder with a bias).
   ``pad_id`` and ``mask_id`` are the tokenizer's ``<pad>`` and ``<mask>`` (Hugging Face's RoBERTa counts
@@ -147,16 +149,18 @@ class GPTConfig:
         encoder; a RoBERTa-style model needs both (its Hugging Face layout is defined by them)."""
         if self.causal:
             return self
+        spec = self.spec
         if self.mask_id is None:
-            self.mask_id = special_tokens.get("<mask>")
+            self.mask_id = special_tokens.get(spec.mask_token)
         if self.pad_id is None:
-            self.pad_id = special_tokens.get("<pad>")
-        if self.spec.encoder_only and (self.mask_id is None or self.pad_id is None):
+            self.pad_id = special_tokens.get(spec.pad_token)
+        if spec.encoder_only and (self.mask_id is None or self.pad_id is None):
             have = ", ".join(sorted(special_tokens)) or "none"
+            needed = sorted({*spec.frame_tokens, spec.mask_token, spec.pad_token})
             raise FerrolmError(
-                f"arch {self.arch!r} needs a tokenizer with <mask> and <pad> special tokens (RoBERTa's "
-                f"<s>, <pad>, </s>, <unk>, <mask>); this one has: {have}. Train one with "
-                "special_tokens=['<s>', '<pad>', '</s>', '<unk>', '<mask>']"
+                f"arch {self.arch!r} needs a tokenizer with {spec.mask_token} and {spec.pad_token} special "
+                f"tokens (its family's: {', '.join(needed)}); this one has: {have}. Train one with "
+                f"special_tokens={needed}"
             )
         return self.validate()
 
@@ -196,6 +200,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-roberta": dict(arch="roberta", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
     "small-roberta": dict(arch="roberta", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False),
     "roberta-base": dict(arch="roberta", n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False),
+    # ModernBERT-style encoders (global attention; ModernBERT's RoPE base for global layers).
+    "tiny-modernbert": dict(
+        arch="modernbert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False, rope_theta=160000.0
+    ),
+    "small-modernbert": dict(
+        arch="modernbert", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False, rope_theta=160000.0
+    ),
 }
 
 
@@ -316,9 +327,9 @@ class MLP(nn.Module):
         super().__init__()
         assert config.mlp_hidden is not None
         self.kind = config.spec.mlp
-        self.swiglu = self.kind == "swiglu"
+        self.gated = self.kind in ("swiglu", "geglu")
         bias = config.spec.bias
-        if self.swiglu:  # silu(x W_gate) * (x W_up): the gate learns which features pass
+        if self.gated:  # act(x W_gate) * (x W_up): the gate learns which features pass
             self.w_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
             self.w_up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         else:
@@ -327,8 +338,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, hidden)
+        elif self.kind == "geglu":
+            h = F.gelu(self.w_gate(x)) * self.w_up(x)  # (B, T, hidden)
         else:
             # (B, T, hidden); GPT-2's tanh GELU, or BERT's exact (erf) one
             h = F.gelu(self.c_fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
@@ -338,17 +351,18 @@ class MLP(nn.Module):
 def _norm(config: GPTConfig) -> nn.Module:
     if config.spec.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.spec.norm_bias)
 
 
 class Block(nn.Module):
     """Pre-norm residual block (GPT-2, Llama): x + attn(norm(x)), then x + mlp(norm(x)).
     Post-norm (BERT, RoBERTa): norm(x + attn(x)), then norm(x + mlp(x)); ln_1/ln_2 keep their names."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.post_norm = config.spec.norm_placement == "post"
-        self.ln_1 = _norm(config)
+        # ModernBERT's block 0 attends to the embeddings, which its embedding norm has just normalised.
+        self.ln_1 = _norm(config) if layer > 0 or config.spec.first_attn_norm else nn.Identity()
         self.attn = Attention(config)
         self.ln_2 = _norm(config)
         self.mlp = MLP(config)
@@ -366,7 +380,7 @@ class LMTransform(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.spec.bias)
         self.ln = _norm(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +406,7 @@ class GPT(nn.Module):
             layers["ln_e"] = _norm(config)
         layers.update(
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
         )
         if spec.norm_placement == "pre":  # post-norm blocks end normalised already
             layers["ln_f"] = _norm(config)

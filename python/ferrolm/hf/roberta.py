@@ -60,6 +60,23 @@ _CLASSIFIER = {  # ferrolm.finetune's head -> RobertaClassificationHead
     "score.bias": "classifier.out_proj.bias",
 }
 _QKV = ("query", "key", "value")
+TOKEN_ROLES = dict(  # tokenizer_config.json: RobertaTokenizer's special tokens by role
+    bos_token="<s>", cls_token="<s>", eos_token="</s>", sep_token="</s>", pad_token="<pad>",
+    unk_token="<unk>", mask_token="<mask>",
+)  # fmt: skip
+
+
+def post_processor(specials: dict[str, int]) -> dict[str, Any]:
+    """tokenizer.json's post-processor: ``<s> a </s>`` (pairs ``<s> a </s></s> b </s>``)."""
+    return {
+        "type": "RobertaProcessing",
+        "sep": ["</s>", specials["</s>"]],
+        "cls": ["<s>", specials["<s>"]],
+        "trim_offsets": False,
+        "add_prefix_space": False,
+    }
+
+
 _IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.decoder.bias", "pooler.")
 
 
