@@ -296,7 +296,8 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     pretrain.add_argument(
         "--preset",
         help="tiny | tiny-llama | small | small-llama | gpt2-small | gpt2-medium "
-        "| llama-small | tiny-roberta | small-roberta | roberta-base (encoders: --objective mlm) (default tiny)",
+        "| llama-small | tiny-roberta | small-roberta | roberta-base | tiny-modernbert | small-modernbert "
+        "(encoders: --objective mlm) (default tiny)",
     )
     pretrain.add_argument("--objective", choices=["clm", "mlm"], help="next-token (default) or masked-LM")
     pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
@@ -516,10 +517,11 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
     finetune = commands.add_parser(
         "finetune",
         help="fine-tune a pretrained model to classify texts (CSV, TSV or JSON lines)",
-        description="Sequence classification on top of a ferrolm run or a Hugging Face GPT-2/Llama "
-        "directory: a linear head on each text's last token, AdamW, warmup + linear decay, evaluation "
-        "after every epoch; the epoch with the best eval accuracy is kept in OUT (classifier.json, "
-        "safetensors weights, tokenizer.json, metrics.jsonl). Labels may be strings or integers.",
+        description="Sequence classification on top of a ferrolm run or a Hugging Face GPT-2/Llama/"
+        "RoBERTa/ModernBERT directory: a head on each text's last token (GPT) or first token "
+        "(encoders), AdamW, warmup + linear decay, evaluation after every epoch; the epoch with the "
+        "best eval accuracy is kept in OUT (classifier.json, safetensors weights, tokenizer.json, "
+        "metrics.jsonl). Labels may be strings or integers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_FINETUNE,
     )

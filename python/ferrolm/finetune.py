@@ -117,7 +117,7 @@ Label = int | str
 
 @dataclass
 class FinetuneConfig:
-    model: str = ""  # pretrained model: a ferrolm run directory or a Hugging Face GPT-2/Llama directory
+    model: str = ""  # pretrained model: a ferrolm run or a Hugging Face GPT-2/Llama/RoBERTa/ModernBERT dir
     train: str = ""  # labelled training data: .csv, .tsv or .jsonl (.json: JSON lines too)
     eval: str = ""  # labelled evaluation data, scored after every epoch to choose the checkpoint kept
     out: str = ""  # output directory: classifier.json, the weights, tokenizer.json, metrics.jsonl
