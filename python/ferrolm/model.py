@@ -1,4 +1,4 @@
-"""The ferrolm Transformer: one GPT, GPT-2-style, Llama-style or RoBERTa-style by config, and its
+"""The ferrolm Transformer: one GPT, GPT-2-, Llama-, RoBERTa- or ModernBERT-style by config, and its
 masked-LM encoder twin (the same network with bidirectional attention).
 
 Reads top to bottom: the config and its presets, the building blocks (norms, RoPE, attention, MLP), the
@@ -62,7 +62,7 @@ IGNORE_INDEX = -100  # label value that contributes no loss (PyTorch's cross_ent
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt2"  # a key of ferrolm.archs.ARCHS: "gpt2", "llama" or "roberta" (encoder only)
+    arch: str = "gpt2"  # a key of ferrolm.archs.ARCHS: gpt2, llama; encoders roberta, modernbert
     n_layer: int = 12  # Transformer blocks
     n_head: int = 12  # query heads
     n_kv_head: int | None = None  # key/value heads; None = n_head (multi-head), fewer = grouped-query
@@ -75,7 +75,7 @@ class GPTConfig:
     )
     dropout: float = 0.0  # on embeddings and residual branches; 0 for pretraining (nanoGPT, llm.c)
     tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2 does; saves V*C parameters)
-    rope_theta: float = 10000.0  # RoPE base: wavelengths 2*pi*theta^(2i/head_dim) (llama only)
+    rope_theta: float = 10000.0  # RoPE base: wavelengths 2*pi*theta^(2i/head_dim) (RoPE archs only)
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon (GPT-2's and Llama-2's value)
     causal: bool = True  # False: bidirectional encoder for masked-LM pretraining
     mask_id: int | None = None  # encoder: the tokenizer's <mask> id; None = one extra embedding row
