@@ -1,13 +1,12 @@
 """Hugging Face export: a ferrolm model (or run directory) -> a directory ``transformers`` loads.
 
-Writes ``config.json`` (``GPT2LMHeadModel``, ``LlamaForCausalLM`` or, for a RoBERTa encoder,
-``RobertaForMaskedLM``; for a ``ferrolm finetune`` classifier ``GPT2ForSequenceClassification``,
-``LlamaForSequenceClassification`` or ``RobertaForSequenceClassification``: the adapters of
-``ferrolm.hf``), ``model.safetensors`` (metadata ``{"format": "pt"}``, vocabulary padding cropped),
-``generation_config.json``, and the tokenizer: ``tokenizer.json`` plus a ``tokenizer_config.json`` naming
-``PreTrainedTokenizerFast``, so that ``AutoTokenizer.from_pretrained`` works too (for a RoBERTa model
-the tokenizer frames texts as ``<s> text </s>``, as RoBERTa's does). Every file goes through a temporary
-name and a rename.
+Writes ``config.json`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``, or for an encoder
+``RobertaForMaskedLM`` / ``ModernBertForMaskedLM``; for a ``ferrolm finetune`` classifier the family's
+``...ForSequenceClassification``: the adapters of ``ferrolm.hf`` say which), ``model.safetensors``
+(metadata ``{"format": "pt"}``, vocabulary padding cropped), ``generation_config.json``, and the
+tokenizer: ``tokenizer.json`` plus a ``tokenizer_config.json`` naming ``PreTrainedTokenizerFast``, so
+that ``AutoTokenizer.from_pretrained`` works too (an encoder's tokenizer frames texts as its family's
+does: ``<s> text </s>``, ``[CLS] text [SEP]``). Every file goes through a temporary name and a rename.
 
 >>> export_run("runs/tiny", "hf/tiny")                                   # doctest: +SKIP
 >>> GPT2LMHeadModel.from_pretrained("hf/tiny")                           # doctest: +SKIP
@@ -41,9 +40,10 @@ def export_hf(
 
 def export_classifier(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Export a ``ferrolm finetune`` output as ``GPT2ForSequenceClassification``,
-    ``LlamaForSequenceClassification`` or ``RobertaForSequenceClassification`` (the backbone's family):
-    the backbone as in the LM export without its LM head, the head under the class's names (``score``;
-    RoBERTa's ``classifier.dense`` + ``classifier.out_proj``), ``num_labels``, ``id2label``/``label2id``
+    ``LlamaForSequenceClassification``, ``RobertaForSequenceClassification`` or
+    ``ModernBertForSequenceClassification`` (the backbone's family): the backbone as in the LM export
+    without its LM head, the head under the class's names (``score``; RoBERTa's ``classifier.dense`` +
+    ``classifier.out_proj``; ModernBERT's ``head`` + ``classifier``), ``num_labels``, ``id2label``/``label2id``
     (label names as strings, as Hugging Face keeps them) and ``pad_token_id`` (the padding the classifier
     was trained with)."""
     from ferrolm.finetune import Classifier
