@@ -85,6 +85,25 @@ ARCHS: dict[str, ArchSpec] = {
         frame_tokens=("<s>", "</s>", "<pad>"),
         hf_model_type="roberta",
     ),
+    # BERT (Devlin et al. 2019): RoBERTa's network (RoBERTa changed training, not layers), positions
+    # from 0, BERT's special tokens; classification on [CLS] through the pooler (dense + tanh).
+    "bert": ArchSpec(
+        norm="layernorm",
+        norm_placement="post",
+        mlp="gelu",
+        positions="learned",
+        bias=True,
+        embedding_norm=True,
+        token_type=True,
+        mlm_head=True,
+        encoder_only=True,
+        pooling="first",
+        classifier="dense_tanh",
+        frame_tokens=("[CLS]", "[SEP]", "[PAD]"),
+        mask_token="[MASK]",
+        pad_token="[PAD]",
+        hf_model_type="bert",
+    ),
     # ModernBERT (Warner et al. 2024), global attention only: pre-norm LayerNorm without biases (none
     # before block 0's attention), an embedding LayerNorm, RoPE, GeGLU, no linear biases, the MLM head
     # (dense + GELU + LayerNorm, decoder bias); classification on [CLS] through the same kind of head.

@@ -14,7 +14,8 @@ biases, heads); the Hugging Face layouts are one adapter per architecture in ``f
 - ``arch="roberta"`` (an encoder only): BERT's post-norm blocks, an embedding LayerNorm, a token-type
   embedding, exact GELU, and the MLM head (dense + GELU + LayerNorm, then the tied decoder with a bias).
   ``pad_id`` and ``mask_id`` are the tokenizer's ``<pad>`` and ``<mask>`` (Hugging Face's RoBERTa counts
-  positions after the padding id; ``ferrolm.hf.roberta``).
+  positions after the padding id; ``ferrolm.hf.roberta``). ``arch="bert"``: the same network with
+  BERT's ``[CLS]``/``[SEP]``/``[PAD]``/``[MASK]`` and positions from 0.
 - ``n_kv_head < n_head`` is grouped-query attention: query head ``h`` reads K/V head
   ``h // (n_head // n_kv_head)``. (Hugging Face's GPT-2 has no GQA, so such a GPT-2 model cannot be
   exported; a Llama one can.)
@@ -62,7 +63,7 @@ IGNORE_INDEX = -100  # label value that contributes no loss (PyTorch's cross_ent
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt2"  # a key of ferrolm.archs.ARCHS: gpt2, llama; encoders roberta, modernbert
+    arch: str = "gpt2"  # a key of ferrolm.archs.ARCHS: gpt2, llama; encoders roberta, bert, modernbert
     n_layer: int = 12  # Transformer blocks
     n_head: int = 12  # query heads
     n_kv_head: int | None = None  # key/value heads; None = n_head (multi-head), fewer = grouped-query
@@ -200,6 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-roberta": dict(arch="roberta", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
     "small-roberta": dict(arch="roberta", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False),
     "roberta-base": dict(arch="roberta", n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False),
+    "tiny-bert": dict(arch="bert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
     # ModernBERT-style encoders (global attention; ModernBERT's RoPE base for global layers).
     "tiny-modernbert": dict(
         arch="modernbert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False, rope_theta=160000.0

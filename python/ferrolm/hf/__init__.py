@@ -1,6 +1,6 @@
 """Hugging Face layouts, one adapter per architecture: ``config.json`` fields and tensor names, both ways.
 
-Each adapter module (``gpt2``, ``llama``, ``roberta``, ``modernbert``) states only what is its own: how its config.json
+Each adapter module (``gpt2``, ``llama``, ``roberta``, ``bert``, ``modernbert``) states only what is its own: how its config.json
 maps to ``GPTConfig``, how its tensors are named and laid out, which ``transformers`` classes it
 becomes, and its classification head. What every architecture shares lives here: choosing the adapter,
 the vocabulary padding (ferrolm pads the embedding to a multiple of ``vocab_multiple``; Hugging Face
@@ -40,9 +40,9 @@ VOCAB_TENSORS = ("transformer.wte.weight", "lm_head.weight", "lm_head.bias")
 
 
 def _adapters() -> dict[str, ModuleType]:
-    from ferrolm.hf import gpt2, llama, modernbert, roberta
+    from ferrolm.hf import bert, gpt2, llama, modernbert, roberta
 
-    return {"gpt2": gpt2, "llama": llama, "roberta": roberta, "modernbert": modernbert}
+    return {"gpt2": gpt2, "llama": llama, "roberta": roberta, "bert": bert, "modernbert": modernbert}
 
 
 def adapter(arch: str) -> ModuleType:
