@@ -296,7 +296,8 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     pretrain.add_argument(
         "--preset",
         help="tiny | tiny-llama | small | small-llama | gpt2-small | gpt2-medium "
-        "| llama-small | tiny-roberta | small-roberta | roberta-base | tiny-bert | tiny-modernbert | small-modernbert "
+        "| llama-small | tiny-roberta | small-roberta | roberta-base | tiny-bert | tiny-modernbert "
+        "| small-modernbert "
         "(encoders: --objective mlm) (default tiny)",
     )
     pretrain.add_argument("--objective", choices=["clm", "mlm"], help="next-token (default) or masked-LM")
