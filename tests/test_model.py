@@ -33,7 +33,7 @@ def make_model(preset: str, **overrides) -> GPT:  # type: ignore[no-untyped-def]
     [
         (dict(n_embd=66), "not divisible by n_head"),
         (dict(n_kv_head=3), "not a multiple of n_kv_head"),
-        (dict(arch="bert"), "arch must be"),
+        (dict(arch="t5"), "arch must be"),  # (bert is an arch now: ferrolm.archs)
         (dict(n_layer=0), "n_layer must be a positive integer"),
         (dict(dropout=1.5), "dropout"),
     ],

@@ -301,7 +301,9 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
     pretrain.add_argument(
         "--preset",
         help="tiny | tiny-llama | small | small-llama | gpt2-small | gpt2-medium "
-        "| llama-small (default tiny)",
+        "| llama-small | tiny-roberta | small-roberta | roberta-base | tiny-bert | tiny-modernbert "
+        "| small-modernbert "
+        "(encoders: --objective mlm) (default tiny)",
     )
     pretrain.add_argument("--objective", choices=["clm", "mlm"], help="next-token (default) or masked-LM")
     pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
@@ -441,8 +443,14 @@ FINETUNE_FIELDS = (
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ferrolm.finetune import evaluate
+    from ferrolm.finetune import CLASSIFIER_FILE, evaluate
 
+    if not (Path(args.run) / CLASSIFIER_FILE).is_file():  # a language model: loss, perplexity, bpb
+        return _cmd_evaluate_lm(args)
+    if args.stride is not None or args.max_length is not None:
+        raise ValueError(
+            f"evaluate: {args.run} is a classifier; --stride and --max-length apply to language models"
+        )
     result = evaluate(
         args.run,
         args.data,
@@ -468,6 +476,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate_lm(args: argparse.Namespace) -> int:
+    from ferrolm.lm_eval import evaluate_lm
+
+    for name in ("text_column", "label_column"):
+        if getattr(args, name) is not None:
+            raise ValueError(
+                f"evaluate: --{name.replace('_', '-')} applies to classifiers; {args.run} is not one"
+            )
+    result = evaluate_lm(
+        args.run,
+        args.data,
+        stride=args.stride,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        split=args.split,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"tokens         {result['tokens']}  ({result['bytes']} bytes)")
+    print(f"windows        {result['windows']} of {result['max_length']} tokens, stride {result['stride']}")
+    print(f"loss           {result['loss']:.4f}")
+    print(f"perplexity     {result['perplexity']:.3f}")
+    print(f"bits per byte  {result['bits_per_byte']:.4f}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ferrolm._files import read_text
     from ferrolm.finetune import Classifier
@@ -488,10 +524,11 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
     finetune = commands.add_parser(
         "finetune",
         help="fine-tune a pretrained model to classify texts (CSV, TSV or JSON lines)",
-        description="Sequence classification on top of a ferrolm run or a Hugging Face GPT-2/Llama "
-        "directory: a linear head on each text's last token, AdamW, warmup + linear decay, evaluation "
-        "after every epoch; the epoch with the best eval accuracy is kept in OUT (classifier.json, "
-        "safetensors weights, tokenizer.json, metrics.jsonl). Labels may be strings or integers.",
+        description="Sequence classification on top of a ferrolm run or a Hugging Face GPT-2/Llama/"
+        "RoBERTa/ModernBERT directory: a head on each text's last token (GPT) or first token "
+        "(encoders), AdamW, warmup + linear decay, evaluation after every epoch; the epoch with the "
+        "best eval accuracy is kept in OUT (classifier.json, safetensors weights, tokenizer.json, "
+        "metrics.jsonl). Labels may be strings or integers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_FINETUNE,
     )
@@ -524,18 +561,35 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="accuracy, macro-F1 and confusion matrix of a fine-tuned classifier on labelled data",
+        help="score a fine-tuned classifier (accuracy, macro-F1, confusion) or a language model "
+        "(loss, perplexity, bits per byte)",
         description="Score a 'ferrolm finetune' output on a labelled .csv/.tsv/.jsonl file: accuracy, "
         "macro-F1, mean cross-entropy and the confusion matrix (--json: one JSON object with keys "
-        "accuracy, macro_f1, confusion, labels, loss, n).",
+        "accuracy, macro_f1, confusion, labels, loss, n). Or score a causal language model (a ferrolm "
+        "pretrain run or a Hugging Face GPT-2/Llama directory) on a UTF-8 text file or a shard "
+        "directory's split: loss, perplexity and bits per byte (nats / ln 2 / UTF-8 bytes: comparable "
+        "across tokenizers), with a sliding window of --max-length tokens moving --stride tokens, "
+        "as Hugging Face's perplexity guide (--json keys loss, perplexity, bits_per_byte, tokens, bytes, "
+        "windows, max_length, stride).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  ferrolm evaluate runs/sst2 --data test.tsv\n"
-        "  ferrolm evaluate runs/sst2 --data test.jsonl --text-column text --json",
+        "  ferrolm evaluate runs/sst2 --data test.jsonl --text-column text --json\n"
+        "  ferrolm evaluate runs/small --data valid.txt --stride 128     # a language model\n"
+        "  ferrolm evaluate runs/small --data shards/ --split val",
     )
-    evaluate.add_argument("run", help="fine-tuned classifier directory (ferrolm finetune --out)")
-    evaluate.add_argument("--data", required=True, help="labelled .csv, .tsv or .jsonl file")
+    evaluate.add_argument("run", help="classifier (ferrolm finetune --out), ferrolm run or Hugging Face dir")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="classifier: labelled .csv/.tsv/.jsonl; LM: a text file or shard directory",
+    )
     evaluate.add_argument("--text-column", help="default: the column the classifier was trained with")
     evaluate.add_argument("--label-column", help="default: the column the classifier was trained with")
+    evaluate.add_argument("--stride", type=int, help="LM: tokens the window moves (default max-length / 2)")
+    evaluate.add_argument(
+        "--max-length", type=int, help="LM: tokens per window (default: the model's context)"
+    )
+    evaluate.add_argument("--split", default="val", help="LM on shards: the split (default val)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="default 64")
     evaluate.add_argument("--device", default="cpu", help="default cpu")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")

@@ -21,9 +21,12 @@ and ``Classifier``.
   Hugging Face's "last token that is not ``pad_token_id``".
 - A bidirectional encoder (a ``--objective mlm`` run, ``causal=False``) would let every real token attend
   to the pads. For it each row's pads become a document of their own in ``cu_seqlens`` (the document
-  mask of ``ferrolm.kernels``' varlen attention), so real tokens attend to real tokens only, and the
-  head reads the last real token as well, which in an encoder has seen the whole text. Hugging Face has
-  no causal-LM class for such a model, so these runs cannot be exported.
+  mask of ``ferrolm.kernels``' varlen attention), so real tokens attend to real tokens only. A RoBERTa
+  encoder (``arch="roberta"``) pools as ``RobertaForSequenceClassification`` does: texts are framed
+  ``<s> text </s>``, padded with ``<pad>``, and the head (dense + tanh + out_proj) reads ``<s>``; it
+  exports as that class. A GPT-layout encoder (``arch="gpt2"``/``"llama"`` with ``causal=False``) reads
+  the last real token, which in an encoder has seen the whole text; Hugging Face has no class for it,
+  so those runs cannot be exported.
 - Distributed (``torchrun --nproc_per_node=N -m ferrolm finetune``, ``ferrolm.distributed``, DDP or
   FSDP2): ``batch_size`` is the GLOBAL batch. Each epoch's example order is a seeded permutation of the
   whole training set, the same on every rank; each global batch is cut into ``world_size`` contiguous
@@ -96,6 +99,7 @@ __all__ = [
     "Example",
     "FinetuneConfig",
     "SequenceClassifier",
+    "TextFrame",
     "classification_metrics",
     "epoch_order",
     "evaluate",
@@ -104,6 +108,7 @@ __all__ = [
     "rank_loss",
     "rank_slice",
     "read_examples",
+    "text_frame",
 ]
 
 CLASSIFIER_FORMAT = "ferrolm-classifier"
@@ -120,7 +125,7 @@ Label = int | str
 
 @dataclass
 class FinetuneConfig:
-    model: str = ""  # pretrained model: a ferrolm run directory or a Hugging Face GPT-2/Llama directory
+    model: str = ""  # pretrained model: a ferrolm run or a Hugging Face GPT-2/Llama/RoBERTa/ModernBERT dir
     train: str = ""  # labelled training data: .csv, .tsv or .jsonl (.json: JSON lines too)
     eval: str = ""  # labelled evaluation data, scored after every epoch to choose the checkpoint kept
     out: str = ""  # output directory: classifier.json, the weights, tokenizer.json, metrics.jsonl
@@ -329,7 +334,14 @@ def _label_ids(examples: list[Example], labels: Sequence[Label], path: str) -> l
 
 
 class SequenceClassifier(nn.Module):
-    """A GPT backbone and a linear ``score`` head on each text's last real token.
+    """A GPT backbone and a classification head, pooled the way the backbone's Hugging Face family does
+    (``GPTConfig.spec.pooling``):
+
+    - "last" (GPT-2, Llama: ``GPT2ForSequenceClassification``): a linear ``score`` (no bias) on each
+      text's last real token, the only position that has read the whole text in a causal model;
+    - "first": the first token (``<s>`` or ``[CLS]``, see ``text_frame``) through ``spec.classifier``:
+      RoBERTa's ``RobertaClassificationHead`` ("dense_tanh": ``pool`` dense + tanh, then ``score`` with
+      bias) or ModernBERT's ("dense_gelu_norm": ``pool`` dense + GELU + ``pool_norm``, then ``score``).
 
     ``forward(idx (B, T), lengths (B,)) -> logits (B, num_labels)``; rows are right-padded, row ``b``'s
     real tokens are ``idx[b, :lengths[b]]``.
@@ -338,9 +350,22 @@ class SequenceClassifier(nn.Module):
     def __init__(self, gpt: GPT, num_labels: int) -> None:
         super().__init__()
         self.gpt = gpt
-        # Hugging Face's `score`: no bias, normal(0, 0.02) init like every other linear layer.
-        self.score = nn.Linear(gpt.config.n_embd, num_labels, bias=False)
-        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+        C = gpt.config.n_embd
+        spec = gpt.config.spec
+        self.pooling, self.head = spec.pooling, spec.classifier
+        if self.head == "linear":  # Hugging Face's `score`: no bias
+            self.score = nn.Linear(C, num_labels, bias=False)
+        else:  # a dense layer first, then a classifier with a bias (RoBERTa's, ModernBERT's)
+            self.pool = nn.Linear(C, C, bias=spec.bias or self.head == "dense_tanh")
+            if self.head == "dense_gelu_norm":
+                self.pool_norm = nn.LayerNorm(C, eps=gpt.config.norm_eps, bias=spec.norm_bias)
+            self.score = nn.Linear(C, num_labels)
+            nn.init.normal_(self.pool.weight, mean=0.0, std=0.02)
+            for bias in (self.pool.bias, self.score.bias):
+                if bias is not None:
+                    nn.init.zeros_(bias)
+            self.dropout = nn.Dropout(gpt.config.dropout)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)  # like every other linear layer
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
@@ -352,17 +377,65 @@ class SequenceClassifier(nn.Module):
             cu_seqlens = torch.cat([bounds.new_zeros(1), bounds]).to(torch.int32)  # (2B + 1,)
             kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=T)
         hidden, _ = self.gpt(idx, return_hidden=True, **kwargs)  # (B, T, C)
-        last = hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real token
-        return self.score(last)  # (B, num_labels)
+        if self.pooling == "first":
+            x = hidden[:, 0]  # (B, C): the <s> / [CLS] token
+        else:
+            x = hidden[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): the last real token
+        if self.head == "dense_tanh":
+            x = self.dropout(torch.tanh(self.pool(self.dropout(x))))  # (B, C)
+        elif self.head == "dense_gelu_norm":
+            x = self.dropout(self.pool_norm(F.gelu(self.pool(x))))  # (B, C)
+        return self.score(x)  # (B, num_labels)
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         groups = self.gpt.optimizer_groups(weight_decay)
-        groups[0]["params"].append(self.score.weight)  # a matmul weight: decayed like the others
+        for name, p in self.head_weights().items():  # matmul weights decayed like the others, biases not
+            parameter = self.get_parameter(name)
+            groups[0 if p.dim() >= 2 else 1]["params"].append(parameter)
         return groups
 
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        """The head's tensors: ``score.weight`` (and ``score.bias``, ``pool.*``, ``pool_norm.*`` for the
+        dense heads)."""
+        return {
+            name: p.detach().contiguous()
+            for name, p in self.named_parameters()
+            if not name.startswith("gpt.")
+        }
+
     def weights(self) -> dict[str, torch.Tensor]:
-        """The backbone's tensors under their ferrolm names, plus ``score.weight``."""
-        return {**self.gpt.weights(), "score.weight": self.score.weight.detach().contiguous()}
+        """The backbone's tensors under their ferrolm names, plus the head's."""
+        return {**self.gpt.weights(), **self.head_weights()}
+
+
+@dataclass(frozen=True)
+class TextFrame:
+    """How a text becomes a classifier's input: ``prefix + ids + suffix``, batches padded with ``pad_id``."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    pad_id: int
+
+
+def text_frame(config: GPTConfig, special_tokens: dict[str, int], source: str) -> TextFrame:
+    """The framing of the backbone's Hugging Face family (``spec.frame_tokens``): RoBERTa's tokenizer
+    writes ``<s> text </s>`` and pads with ``<pad>`` (ModernBERT's: ``[CLS] text [SEP]``, ``[PAD]``), its
+    classifier reads the first token; GPT-2's adds nothing and users pad with ``<|endoftext|>`` (the
+    classifier reads the last real token, which never sees the pads)."""
+    frame = config.spec.frame_tokens
+    if frame:
+        begin, end, pad = frame
+        missing = [name for name in frame if name not in special_tokens]
+        if missing:
+            raise FerrolmError(
+                f"{source}: a {config.arch} classifier frames texts as {begin} text {end} and pads with "
+                f"{pad}; the tokenizer lacks {', '.join(missing)}"
+            )
+        return TextFrame((special_tokens[begin],), (special_tokens[end],), special_tokens[pad])
+    for name in ("<|endoftext|>", "</s>", "<|end_of_text|>"):  # Tokenizer.eot_token's names
+        if name in special_tokens:
+            return TextFrame((), (), special_tokens[name])
+    raise FerrolmError(f"{source}: the tokenizer has no <|endoftext|> (or </s>) token to pad with")
 
 
 def pad_batch(
@@ -471,10 +544,19 @@ def load_backbone(path: str | os.PathLike[str]) -> tuple[GPT, Any]:
     return model, tokenizer
 
 
-def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, cut to ``max_length``; and how many texts were cut."""
+def _encode(
+    tokenizer: Any, texts: Sequence[str], max_length: int, frame: TextFrame | None = None
+) -> tuple[list[list[int]], int]:
+    """Token ids of each text, framed (``frame.prefix + ids + frame.suffix``) and cut so that the
+    whole is at most ``max_length`` (the text's end is cut, never the frame); and how many were cut."""
+    prefix, suffix = (list(frame.prefix), list(frame.suffix)) if frame is not None else ([], [])
+    keep = max_length - len(prefix) - len(suffix)
+    if keep < 1:
+        raise FerrolmError(
+            f"max_length {max_length} leaves no room for text inside the frame {prefix}/{suffix}"
+        )
     ids = tokenizer.encode_ordinary_batch(list(texts))  # ordinary text: never the pad (special) id
-    return [s[:max_length] for s in ids], sum(len(s) > max_length for s in ids)
+    return [prefix + s[:keep] + suffix for s in ids], sum(len(s) > keep for s in ids)
 
 
 def _full_weights(ctx: distributed.Context, model: SequenceClassifier) -> dict[str, torch.Tensor]:
@@ -604,9 +686,8 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
     gpt, tokenizer = ctx.agreed(load_backbone, config.model)
     shards = ctx.world_size if ctx.parallel == "fsdp" else 1  # the weights fit; does their training?
     check_memory(gpt.config, device, training=True, shards=shards, source=f"finetune {config.model}")
-    pad_id = tokenizer.eot_token
-    if pad_id is None:
-        raise FerrolmError(f"{config.model}: the tokenizer has no <|endoftext|> (or </s>) token to pad with")
+    frame = text_frame(gpt.config, tokenizer.special_tokens, str(config.model))
+    pad_id = frame.pad_id
     max_length = config.max_length or gpt.config.block_size
     if max_length > gpt.config.block_size:
         raise FerrolmError(f"max_length {max_length} exceeds the model's context of {gpt.config.block_size}")
@@ -614,18 +695,20 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
     for module in gpt.modules():
         if isinstance(module, nn.Dropout):
             module.p = config.dropout
-    if not gpt.config.tie_embeddings:
-        # An untied LM head takes no part in classification (its gradient is always None, AdamW never
-        # moves it); frozen, DDP does not wait for that gradient either.
-        gpt.lm_head.weight.requires_grad_(False)
+    for name, parameter in gpt.named_parameters():
+        if name.startswith(("lm_head.", "lm_transform.")):
+            # The LM head (an untied weight, RoBERTa's MLM transform and bias) takes no part in
+            # classification (its gradient is always None, AdamW never moves it); frozen, DDP does not
+            # wait for that gradient either. (A tied lm_head.weight is transformer.wte.weight: trained.)
+            parameter.requires_grad_(False)
     model = SequenceClassifier(gpt, len(labels)).to(device)
     ctx.broadcast_module(model)  # every rank starts from rank 0's weights
     # What forward and backward run through: DDP, FSDP2 (sharded per block, in place) or the model.
     wrapped = ctx.wrap(model, blocks=model.gpt.transformer.h)  # type: ignore[arg-type]
     if ctx.rank > 0:  # dropout: a stream per rank (rank 0's is the single-process one)
         torch.manual_seed(_rank_seed(config.seed, ctx.rank))
-    train_x, cut = _encode(tokenizer, [e.text for e in train], max_length)
-    eval_x, eval_cut = _encode(tokenizer, [e.text for e in evaluation], max_length)
+    train_x, cut = _encode(tokenizer, [e.text for e in train], max_length, frame)
+    eval_x, eval_cut = _encode(tokenizer, [e.text for e in evaluation], max_length, frame)
 
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -652,6 +735,7 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
         "id2label": {str(i): label for i, label in enumerate(labels)},
         "label2id": {str(label): i for i, label in enumerate(labels)},
         "pad_token_id": pad_id,
+        "frame": {"prefix": list(frame.prefix), "suffix": list(frame.suffix)},  # around every text
         "max_length": max_length,
         "text_column": config.text_column,
         "label_column": config.label_column,
@@ -769,6 +853,10 @@ class Classifier:
     def __init__(self, model: SequenceClassifier, tokenizer: Any, meta: dict[str, Any], device: torch.device):
         self.model, self.tokenizer, self.meta, self.device = model, tokenizer, meta, device
         self.labels: list[Label] = meta["labels"]
+        framing = meta.get("frame") or {}  # (classifiers saved before framing existed: none)
+        self.frame = TextFrame(
+            tuple(framing.get("prefix", ())), tuple(framing.get("suffix", ())), meta["pad_token_id"]
+        )
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str], device: str = "cpu") -> Classifier:
@@ -787,14 +875,16 @@ class Classifier:
         weights_path = run_dir / name
         check_file(weights_path, meta.get("sha256"), meta_path, size=meta.get("size"))
         state = read_tensors(weights_path)
-        score = state.pop("score.weight", None)
-        if score is None or tuple(score.shape) != (meta["num_labels"], meta["model_config"]["n_embd"]):
-            raise FerrolmError(f"{weights_path}: no score.weight of shape ({meta['num_labels']}, n_embd)")
         gpt = GPT(GPTConfig.from_dict(meta["model_config"]))
-        gpt.load_weights(state, source=str(weights_path))
         model = SequenceClassifier(gpt, meta["num_labels"])
+        head = {name: state.pop(name, None) for name in model.head_weights()}
+        for name, own in model.head_weights().items():
+            if head[name] is None or tuple(head[name].shape) != tuple(own.shape):  # type: ignore[union-attr]
+                raise FerrolmError(f"{weights_path}: no {name} of shape {tuple(own.shape)} (num_labels, ...)")
+        gpt.load_weights(state, source=str(weights_path))
         with torch.no_grad():
-            model.score.weight.copy_(score)
+            for name, tensor in head.items():
+                model.get_parameter(name).copy_(tensor)  # type: ignore[arg-type]
         target = resolve_device(device)
         return cls(model.to(target).eval(), Tokenizer.from_pretrained(run_dir), meta, target)
 
@@ -805,7 +895,7 @@ class Classifier:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise FerrolmError(f"text {i} is empty or not a string: {text!r}")
-        ids, _ = _encode(self.tokenizer, texts, self.meta["max_length"])
+        ids, _ = _encode(self.tokenizer, texts, self.meta["max_length"], self.frame)
         return _log_probs(self.model, ids, self.meta["pad_token_id"], batch_size, self.device)
 
     def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[tuple[Label, float]]:

@@ -1,21 +1,30 @@
-"""The ferrolm Transformer: one decoder-only GPT, GPT-2-style or Llama-style by config, and its
+"""The ferrolm Transformer: one GPT, GPT-2-, Llama-, RoBERTa- or ModernBERT-style by config, and its
 masked-LM encoder twin (the same network with bidirectional attention).
 
 Reads top to bottom: the config and its presets, the building blocks (norms, RoPE, attention, MLP), the
-model, then the Hugging Face weight layout (import here, export in ``ferrolm.export``).
+model. What each ``arch`` builds is data (``ferrolm.archs.ARCHS``: norm, its placement, MLP, positions,
+biases, heads); the Hugging Face layouts are one adapter per architecture in ``ferrolm.hf``.
 
 - ``arch="gpt2"``: learned positions, LayerNorm with biases, GELU (tanh approximation, as GPT-2 and
   Hugging Face's ``gelu_new``), biases on every linear layer.
 - ``arch="llama"``: rotary positions (RoPE, the "rotate half" layout Hugging Face uses), RMSNorm, SwiGLU,
   no biases.
+- ``arch="modernbert"`` (an encoder only, global attention): pre-norm LayerNorm without biases, RoPE,
+  GeGLU, an embedding norm, ModernBERT's MLM head; ``[CLS]``/``[SEP]``/``[PAD]``/``[MASK]``.
+- ``arch="roberta"`` (an encoder only): BERT's post-norm blocks, an embedding LayerNorm, a token-type
+  embedding, exact GELU, and the MLM head (dense + GELU + LayerNorm, then the tied decoder with a bias).
+  ``pad_id`` and ``mask_id`` are the tokenizer's ``<pad>`` and ``<mask>`` (Hugging Face's RoBERTa counts
+  positions after the padding id; ``ferrolm.hf.roberta``). ``arch="bert"``: the same network with
+  BERT's ``[CLS]``/``[SEP]``/``[PAD]``/``[MASK]`` and positions from 0.
 - ``n_kv_head < n_head`` is grouped-query attention: query head ``h`` reads K/V head
   ``h // (n_head // n_kv_head)``. (Hugging Face's GPT-2 has no GQA, so such a GPT-2 model cannot be
   exported; a Llama one can.)
 - The embedding has ``padded_vocab_size`` rows (a multiple of ``vocab_multiple``: aligned matmuls are
   faster); logits are cropped to ``vocab_size``, so the padding rows are never predicted, and export
   drops them.
-- ``causal=False`` makes the BERT-style encoder: every token sees its whole document; the first padding
-  row is the ``[MASK]`` token (``mask_token_id == vocab_size``), see ``mask_tokens``.
+- ``causal=False`` makes the BERT-style encoder: every token sees its whole document; the mask token is
+  ``mask_id`` when the tokenizer has one (``<mask>``), else the first padding row
+  (``mask_token_id == vocab_size``), see ``mask_tokens``.
 
 All attention goes through ``ferrolm.kernels`` (Triton on CUDA, SDPA on CPU), with the document mask when
 the batch carries ``cu_seqlens``. The one exception is a decoding step with a KV cache, where the queries
@@ -40,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ferrolm._core import FerrolmError
+from ferrolm.archs import ARCHS, ArchSpec
 from ferrolm.kernels import flash_attention, flash_attention_varlen
 from ferrolm.memory import check_memory
 
@@ -54,7 +64,7 @@ IGNORE_INDEX = -100  # label value that contributes no loss (PyTorch's cross_ent
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt2"  # "gpt2" (learned pos + LayerNorm + GELU) or "llama" (RoPE + RMSNorm + SwiGLU)
+    arch: str = "gpt2"  # a key of ferrolm.archs.ARCHS: gpt2, llama; encoders roberta, bert, modernbert
     n_layer: int = 12  # Transformer blocks
     n_head: int = 12  # query heads
     n_kv_head: int | None = None  # key/value heads; None = n_head (multi-head), fewer = grouped-query
@@ -67,23 +77,23 @@ class GPTConfig:
     )
     dropout: float = 0.0  # on embeddings and residual branches; 0 for pretraining (nanoGPT, llm.c)
     tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2 does; saves V*C parameters)
-    rope_theta: float = 10000.0  # RoPE base: wavelengths 2*pi*theta^(2i/head_dim) (llama only)
+    rope_theta: float = 10000.0  # RoPE base: wavelengths 2*pi*theta^(2i/head_dim) (RoPE archs only)
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon (GPT-2's and Llama-2's value)
     causal: bool = True  # False: bidirectional encoder for masked-LM pretraining
+    mask_id: int | None = None  # encoder: the tokenizer's <mask> id; None = one extra embedding row
+    pad_id: int | None = None  # the tokenizer's <pad> id (RoBERTa's positions start after it)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.mlp_hidden is None:
-            if self.arch == "llama":  # SwiGLU has 3 matrices: 2/3 of 4*C keeps the parameter count
-                self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-            else:
-                self.mlp_hidden = 4 * self.n_embd
+        if self.mlp_hidden is None:  # (an unknown arch is validate()'s error, not this one's)
+            self.mlp_hidden = ARCHS.get(self.arch, ARCHS["gpt2"]).default_mlp_hidden(self.n_embd)
 
     def validate(self) -> GPTConfig:
         """Raise ``FerrolmError`` naming the first inconsistent field; return self."""
-        if self.arch not in ("gpt2", "llama"):
-            raise FerrolmError(f"model config: arch must be 'gpt2' or 'llama', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            names = ", ".join(repr(name) for name in ARCHS)
+            raise FerrolmError(f"model config: arch must be one of {names}, got {self.arch!r}")
         for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -95,8 +105,21 @@ class GPTConfig:
             raise FerrolmError(
                 f"model config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
             )
-        if self.arch == "llama" and self.head_dim % 2:
+        if self.spec.positions == "rope" and self.head_dim % 2:
             raise FerrolmError(f"model config: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.spec.encoder_only and self.causal:
+            raise FerrolmError(
+                f"model config: arch {self.arch!r} is an encoder (causal=False): pretrain it with "
+                "objective 'mlm'"
+            )
+        for name in ("mask_id", "pad_id"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
+                raise FerrolmError(
+                    f"model config: {name} must be a token id below vocab_size {self.vocab_size}, got {value!r}"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise FerrolmError(f"model config: dropout must be in [0, 1), got {self.dropout}")
         if self.vocab_multiple <= 0:
@@ -104,18 +127,44 @@ class GPTConfig:
         return self
 
     @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.arch]
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
     @property
     def padded_vocab_size(self) -> int:
-        # An encoder needs one row more than the tokenizer: the [MASK] token.
-        rows = self.vocab_size + (0 if self.causal else 1)
+        # An encoder whose tokenizer has no <mask> needs one row more than the tokenizer: [MASK].
+        rows = self.vocab_size + (0 if self.causal or self.mask_id is not None else 1)
         return self.vocab_multiple * math.ceil(rows / self.vocab_multiple)
 
     @property
     def mask_token_id(self) -> int | None:
-        return None if self.causal else self.vocab_size
+        if self.causal:
+            return None
+        return self.mask_id if self.mask_id is not None else self.vocab_size
+
+    def with_tokenizer(self, special_tokens: dict[str, int]) -> GPTConfig:
+        """Take ``mask_id`` and ``pad_id`` from a tokenizer's special tokens (``<mask>``, ``<pad>``) for an
+        encoder; a RoBERTa-style model needs both (its Hugging Face layout is defined by them)."""
+        if self.causal:
+            return self
+        spec = self.spec
+        if self.mask_id is None:
+            self.mask_id = special_tokens.get(spec.mask_token)
+        if self.pad_id is None:
+            self.pad_id = special_tokens.get(spec.pad_token)
+        if spec.encoder_only and (self.mask_id is None or self.pad_id is None):
+            have = ", ".join(sorted(special_tokens)) or "none"
+            needed = sorted({*spec.frame_tokens, spec.mask_token, spec.pad_token})
+            raise FerrolmError(
+                f"arch {self.arch!r} needs a tokenizer with {spec.mask_token} and {spec.pad_token} special "
+                f"tokens (its family's: {', '.join(needed)}); this one has: {have}. Train one with "
+                f"special_tokens={needed}"
+            )
+        return self.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +198,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(arch="gpt2", n_layer=24, n_head=16, n_embd=1024, block_size=1024),
     # Llama-style at GPT-2-small size, 4 K/V heads (3 query heads per K/V head).
     "llama-small": dict(arch="llama", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024),
+    # RoBERTa-style encoders (objective "mlm"): tiny for tests, small for a laptop, base = roberta-base.
+    "tiny-roberta": dict(arch="roberta", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
+    "small-roberta": dict(arch="roberta", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False),
+    "roberta-base": dict(arch="roberta", n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False),
+    "tiny-bert": dict(arch="bert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
+    # ModernBERT-style encoders (global attention; ModernBERT's RoPE base for global layers).
+    "tiny-modernbert": dict(
+        arch="modernbert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False, rope_theta=160000.0
+    ),
+    "small-modernbert": dict(
+        arch="modernbert", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False, rope_theta=160000.0
+    ),
 }
 
 
@@ -205,7 +266,7 @@ class Attention(nn.Module):
         assert config.n_kv_head is not None
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.causal = config.causal
-        bias = config.arch == "gpt2"
+        bias = config.spec.bias
         # q, k and v in one matmul: (C) -> (H*D + 2*H_kv*D).
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
@@ -268,9 +329,10 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         assert config.mlp_hidden is not None
-        self.swiglu = config.arch == "llama"
-        bias = not self.swiglu
-        if self.swiglu:  # silu(x W_gate) * (x W_up): the gate learns which features pass
+        self.kind = config.spec.mlp
+        self.gated = self.kind in ("swiglu", "geglu")
+        bias = config.spec.bias
+        if self.gated:  # act(x W_gate) * (x W_up): the gate learns which features pass
             self.w_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
             self.w_up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         else:
@@ -279,32 +341,53 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, hidden)
+        elif self.kind == "geglu":
+            h = F.gelu(self.w_gate(x)) * self.w_up(x)  # (B, T, hidden)
         else:
-            h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, hidden); GPT-2's GELU
+            # (B, T, hidden); GPT-2's tanh GELU, or BERT's exact (erf) one
+            h = F.gelu(self.c_fc(x), approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 def _norm(config: GPTConfig) -> nn.Module:
-    if config.arch == "llama":
+    if config.spec.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.spec.norm_bias)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block (GPT-2, Llama): x + attn(norm(x)), then x + mlp(norm(x)).
+    Post-norm (BERT, RoBERTa): norm(x + attn(x)), then norm(x + mlp(x)); ln_1/ln_2 keep their names."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
-        self.ln_1 = _norm(config)
+        self.post_norm = config.spec.norm_placement == "post"
+        # ModernBERT's block 0 attends to the embeddings, which its embedding norm has just normalised.
+        self.ln_1 = _norm(config) if layer > 0 or config.spec.first_attn_norm else nn.Identity()
         self.attn = Attention(config)
         self.ln_2 = _norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope, cu_seqlens, max_seqlen, cache, layer) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, rope, cu_seqlens, max_seqlen, cache, layer))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, cu_seqlens, max_seqlen, cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+
+class LMTransform(nn.Module):
+    """BERT's MLM head before the decoder: dense, GELU (exact), LayerNorm. (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.spec.bias)
+        self.ln = _norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(F.gelu(self.dense(x)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,26 +399,35 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config.validate()
         check_memory(config)  # before allocating: an impossible size is one error with its figure
+        spec = config.spec
         V, C = config.padded_vocab_size, config.n_embd
         layers: dict[str, nn.Module] = dict(wte=nn.Embedding(V, C))
-        if config.arch == "gpt2":
+        if spec.positions == "learned":
             layers["wpe"] = nn.Embedding(config.block_size, C)
+        if spec.token_type:  # BERT's segment embedding; ferrolm feeds one segment, so one row
+            layers["wtt"] = nn.Embedding(1, C)
+        if spec.embedding_norm:
+            layers["ln_e"] = _norm(config)
         layers.update(
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=_norm(config),
+            h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
         )
+        if spec.norm_placement == "pre":  # post-norm blocks end normalised already
+            layers["ln_f"] = _norm(config)
         self.transformer = nn.ModuleDict(layers)
-        self.lm_head = nn.Linear(C, V, bias=False)
+        self.lm_transform = LMTransform(config) if spec.mlm_head else None
+        self.lm_head = nn.Linear(C, V, bias=spec.mlm_head)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        if config.arch == "llama":
+        if spec.positions == "rope":
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection by 1/sqrt(2 * n_layer), so the
         # residual stream's variance does not grow with depth.
+        if config.spec.token_type:
+            nn.init.zeros_(self.transformer.wtt.weight)  # the one segment starts as a no-op
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -393,22 +485,30 @@ class GPT(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)  # (B, T)
+        spec = self.config.spec
         x = self.transformer.wte(idx)  # (B, T, C)
+        if spec.token_type:
+            x = x + self.transformer.wtt.weight[0]  # (B, T, C): segment 0 (Hugging Face's order of sums)
         rope = None
-        if self.config.arch == "gpt2":
+        if spec.positions == "learned":
             x = x + self.transformer.wpe(position_ids)  # (B, T, C)
         else:
             rope = (self.rope_cos[position_ids], self.rope_sin[position_ids])  # (B, T, D) each
+        if spec.embedding_norm:
+            x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, cu_seqlens, max_seqlen, cache, layer)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)  # (B, T, C)
+        if "ln_f" in self.transformer:
+            x = self.transformer.ln_f(x)  # (B, T, C)
         if return_hidden:
             return x, None
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
+        if self.lm_transform is not None:
+            x = self.lm_transform(x)  # (B, T, C)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V): padding rows cropped
         if targets is None:
             return logits, None
@@ -425,7 +525,7 @@ class GPT(nn.Module):
         embeddings (decaying a norm's gain or a bias only fights the data; embeddings are lookups)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():  # a tied lm_head appears once, as wte
-            is_embedding = name.startswith(("transformer.wte", "transformer.wpe"))
+            is_embedding = name.startswith(("transformer.wte", "transformer.wpe", "transformer.wtt"))
             (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},
@@ -465,7 +565,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], **overrides: Any) -> GPT:
         """Load a Hugging Face directory (``config.json`` + ``model.safetensors``, or a sharded
-        ``model.safetensors.index.json``) of a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``: a
+        ``model.safetensors.index.json``) of a ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or
+        ``RobertaForMaskedLM`` (``ferrolm.hf`` has an adapter per architecture): a
         ``ferrolm export`` output, or the Hub's own files (``gpt2``, ``gpt2-medium``, ... key names
         with or without the ``transformer.`` prefix). ``overrides`` change config fields (e.g. dropout).
         """
@@ -473,13 +574,17 @@ class GPT(nn.Module):
         config_path = directory / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: no config.json (not a Hugging Face model directory)")
+        from ferrolm import hf as adapters
+
         hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-        config = config_from_hf(hf_config, source=str(config_path))
+        config = adapters.config_from_hf(hf_config, source=str(config_path))
+        if not config.causal and config.mask_id is None:  # an encoder: its tokenizer's <mask>, if any
+            config.mask_id = _special_tokens_of(directory).get("<mask>")
         for key, value in overrides.items():
             setattr(config, key, value)
         model = cls(config.validate())
-        hf_state = _read_safetensors_dir(directory)
-        model.load_weights(state_from_hf(hf_state, config, str(directory)), source=str(directory))
+        hf_state = adapters.read_safetensors_dir(directory)
+        model.load_weights(adapters.state_from_hf(hf_state, config, str(directory)), source=str(directory))
         return model
 
 
@@ -511,223 +616,43 @@ def mask_tokens(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Hugging Face layouts: config.json fields and tensor names. Export is ferrolm.export.
+# Hugging Face layouts: one adapter per architecture in ferrolm.hf. Export is ferrolm.export. These
+# names stay here for the code that imports them from ferrolm.model.
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> GPTConfig:
-    model_type = hf.get("model_type")
-    if model_type == "gpt2":
-        activation = hf.get("activation_function", "gelu_new")
-        if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise FerrolmError(
-                f"{source}: activation_function {activation!r} (ferrolm's GPT-2 uses tanh GELU)"
-            )
-        n_embd = hf["n_embd"]
-        return GPTConfig(
-            arch="gpt2",
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=n_embd,
-            block_size=hf.get("n_positions", 1024),
-            vocab_size=hf["vocab_size"],
-            mlp_hidden=hf.get("n_inner") or 4 * n_embd,
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", True),
-        )
-    if model_type == "llama":
-        for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-            if hf.get(key, ok) != ok:
-                raise FerrolmError(
-                    f"{source}: {key}={hf[key]!r} is not supported (ferrolm's Llama has {ok!r})"
-                )
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise FerrolmError(f"{source}: RoPE scaling {rope!r} is not supported (default RoPE only)")
-        n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
-            raise FerrolmError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-        return GPTConfig(
-            arch="llama",
-            n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
-            n_embd=n_embd,
-            block_size=hf.get("max_position_embeddings", 2048),
-            vocab_size=hf["vocab_size"],
-            mlp_hidden=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-        )
-    raise FerrolmError(f"{source}: model_type {model_type!r} is not supported (gpt2 or llama)")
+    from ferrolm import hf as adapters
+
+    return adapters.config_from_hf(hf, source)
 
 
 def config_to_hf(
     config: GPTConfig, *, bos_id: int | None = None, eos_id: int | None = None
 ) -> dict[str, Any]:
-    if not config.causal:
-        raise FerrolmError("export: masked-LM encoders have no Hugging Face causal-LM equivalent")
-    common = dict(
-        vocab_size=config.vocab_size,
-        tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        torch_dtype="float32",
-        use_cache=True,
-    )
-    if config.arch == "gpt2":
-        if config.n_kv_head != config.n_head:
-            raise FerrolmError(
-                "export: GPT-2 has no grouped-query attention (use arch='llama' for n_kv_head)"
-            )
-        return dict(
-            architectures=["GPT2LMHeadModel"],
-            model_type="gpt2",
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            n_embd=config.n_embd,
-            n_positions=config.block_size,
-            n_inner=config.mlp_hidden,
-            activation_function="gelu_new",
-            layer_norm_epsilon=config.norm_eps,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **common,
-        )
-    return dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head,
-        hidden_size=config.n_embd,
-        head_dim=config.head_dim,
-        intermediate_size=config.mlp_hidden,
-        max_position_embeddings=config.block_size,
-        rms_norm_eps=config.norm_eps,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        rope_theta=config.rope_theta,  # transformers < 5 reads this one
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},  # transformers >= 5
-        **common,
-    )
+    from ferrolm import hf as adapters
 
-
-_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_LLAMA_NAMES = {  # ferrolm block tensor -> Hugging Face Llama layer tensor
-    "ln_1.weight": "input_layernorm.weight",
-    "attn.c_proj.weight": "self_attn.o_proj.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
-    "mlp.w_gate.weight": "mlp.gate_proj.weight",
-    "mlp.w_up.weight": "mlp.up_proj.weight",
-    "mlp.c_proj.weight": "mlp.down_proj.weight",
-}
+    return adapters.config_to_hf(config, bos_id=bos_id, eos_id=eos_id)
 
 
 def state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    """ferrolm weights -> Hugging Face names and layouts, vocabulary rows cropped to ``vocab_size``."""
-    config, V = model.config, model.config.vocab_size
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.weights().items():
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            t = t[:V]  # drop the padding rows
-        if config.arch == "gpt2":
-            if name.endswith(_GPT2_CONV1D):
-                t = t.t()  # GPT-2's Conv1D stores (in, out)
-            out[name] = t.contiguous()
-            continue
-        if name == "transformer.wte.weight":
-            out["model.embed_tokens.weight"] = t
-        elif name == "transformer.ln_f.weight":
-            out["model.norm.weight"] = t
-        elif name == "lm_head.weight":
-            out[name] = t
-        else:
-            _, _, layer, rest = name.split(".", 3)  # transformer.h.{layer}.{rest}
-            prefix = f"model.layers.{layer}."
-            if rest == "attn.c_attn.weight":
-                assert config.n_kv_head is not None
-                sizes = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
-                for part, proj in zip(t.split(sizes, dim=0), ("q_proj", "k_proj", "v_proj"), strict=True):
-                    out[f"{prefix}self_attn.{proj}.weight"] = part.contiguous()
-            else:
-                out[prefix + _LLAMA_NAMES[rest]] = t
-    if config.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+    from ferrolm import hf as adapters
+
+    return adapters.state_to_hf(model)
 
 
 def state_from_hf(hf: dict[str, torch.Tensor], config: GPTConfig, source: str) -> dict[str, torch.Tensor]:
-    """Hugging Face names and layouts -> ferrolm weights, vocabulary rows padded with zeros."""
-    out: dict[str, torch.Tensor] = {}
-    if config.arch == "gpt2":
-        for name, t in hf.items():
-            if name.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # old checkpoints store the causal mask as a buffer
-            if not name.startswith(("transformer.", "lm_head.")):
-                name = "transformer." + name  # the Hub's gpt2 files have no prefix
-            if name.endswith(_GPT2_CONV1D):
-                t = t.t()
-            out[name] = t
-    else:
-        inverse = {hf_name: ours for ours, hf_name in _LLAMA_NAMES.items()}
-        qkv: dict[str, dict[str, torch.Tensor]] = {}
-        for name, t in hf.items():
-            if name == "model.embed_tokens.weight":
-                out["transformer.wte.weight"] = t
-            elif name == "model.norm.weight":
-                out["transformer.ln_f.weight"] = t
-            elif name == "lm_head.weight":
-                out[name] = t
-            elif name.startswith("model.layers."):
-                _, _, layer, rest = name.split(".", 3)
-                if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-                    qkv.setdefault(layer, {})[rest.split(".")[1]] = t
-                elif rest in inverse:
-                    out[f"transformer.h.{layer}.{inverse[rest]}"] = t
-                elif "rotary_emb" not in rest:
-                    raise FerrolmError(f"{source}: unexpected tensor {name}")
-        for layer, parts in qkv.items():
-            if set(parts) != {"q_proj", "k_proj", "v_proj"}:
-                raise FerrolmError(f"{source}: layer {layer} lacks some of q_proj/k_proj/v_proj")
-            out[f"transformer.h.{layer}.attn.c_attn.weight"] = torch.cat(
-                [parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0
-            )  # (H*D + 2*H_kv*D, C)
-    if config.tie_embeddings:
-        out.pop("lm_head.weight", None)  # some files store the tied copy too
-    for name in ("transformer.wte.weight", "lm_head.weight"):
-        if name in out:
-            t = out[name]
-            if t.shape[0] != config.vocab_size:
-                raise FerrolmError(
-                    f"{source}: {name} has {t.shape[0]} rows, config vocab_size {config.vocab_size}"
-                )
-            padded = t.new_zeros(config.padded_vocab_size, t.shape[1])  # (V_padded, C)
-            padded[: t.shape[0]] = t
-            out[name] = padded
-    return {k: v.float() for k, v in out.items()}
+    from ferrolm import hf as adapters
+
+    return adapters.state_from_hf(hf, config, source)
 
 
-def _read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(
-            f"{directory}: no model.safetensors (ferrolm reads safetensors only; convert "
-            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            state.update(load_file(str(path)))
-        except Exception as error:  # safetensors raises its own SafetensorError for corrupt files
-            raise FerrolmError(f"{path}: not a readable safetensors file ({error})") from None
-    return state
+def _special_tokens_of(directory: Path) -> dict[str, int]:
+    """The special tokens of a directory's ``tokenizer.json`` (content -> id), {} without one."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    try:
+        added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens") or []
+        return {t["content"]: t["id"] for t in added if t.get("special")}
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise FerrolmError(f"{path}: not a readable tokenizer.json ({error})") from None

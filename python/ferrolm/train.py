@@ -338,7 +338,9 @@ def _train(
         model = ctx.agreed(_pretrained_model, config.init_from, config.model)
         model_config = model.config
     else:
-        model_config = model_config or _model_config(config, manifest.vocab_size)
+        # An encoder takes <mask> / <pad> from the tokenizer (RoBERTa needs both).
+        specials = manifest.tokenizer().special_tokens
+        model_config = model_config or _model_config(config, manifest.vocab_size).with_tokenizer(specials)
     if model_config.vocab_size != manifest.vocab_size:
         raise FerrolmError(
             f"{config.data}: the shards' tokenizer has {manifest.vocab_size} tokens, the model "
