@@ -47,6 +47,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ferrolm.kernels.configs import Blocks, Config, gpu_config
+
 Backend = Literal["auto", "triton", "sdpa"]
 
 __all__ = ["attention_reference", "flash_attention", "flash_attention_varlen"]
@@ -360,38 +362,19 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 # Launch configuration
 
 
-@dataclass(frozen=True)
-class _Blocks:
-    m: int  # query rows per tile
-    n: int  # key rows per tile
-    warps: int
-    stages: int  # software-pipelining depth of the inner loop (shared memory grows with it)
-
-
-@dataclass(frozen=True)
-class _Config:
-    fwd: _Blocks
-    dkdv: _Blocks  # program owns a key block of n rows and loops over query blocks of m rows
-    dq: _Blocks
-
-
-# Starting points for Hopper/Ampere in 16-bit (FlashAttention-2's and Triton's tutorial choices), not
-# yet tuned on hardware: benches/bench_attention.py is where to tune them. Every config fits in an
-# H100's 227 KiB of shared memory; smaller GPUs go through the fallback in _launch.
-_GPU_CONFIGS = {
-    16: _Config(_Blocks(128, 64, 4, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    32: _Config(_Blocks(128, 64, 4, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    64: _Config(_Blocks(128, 64, 4, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    128: _Config(_Blocks(128, 64, 8, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    256: _Config(_Blocks(64, 64, 8, 2), _Blocks(32, 64, 8, 1), _Blocks(64, 32, 8, 1)),
-}
+# The GPU tables and the function that picks from them live in configs.py, shared with the ahead-of-time
+# compile check (ferrolm.kernels.report), so the configs it checks are the ones launched here.
+_Blocks = Blocks
+_Config = Config
 # The interpreter runs one numpy op per tile op: small, unequal tiles keep tests fast at T <= 256 and put
 # document boundaries inside blocks, across blocks and on block edges.
 _INTERPRETER_CONFIG = _Config(_Blocks(32, 16, 4, 1), _Blocks(16, 32, 4, 1), _Blocks(32, 16, 4, 1))
 
 
 def _config(head_dim: int, device: torch.device) -> _Config:
-    return _GPU_CONFIGS[head_dim] if device.type == "cuda" else _INTERPRETER_CONFIG
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    return gpu_config(head_dim, torch.cuda.get_device_capability(device))
 
 
 def _smaller(blocks: _Blocks) -> _Blocks | None:
@@ -408,24 +391,29 @@ def _smaller(blocks: _Blocks) -> _Blocks | None:
 _fitted: dict[tuple[str, int, torch.dtype, int], _Blocks] = {}  # kernel launches that had to shrink
 
 
-def _launch(
-    kernel: Any,
-    name: str,
-    blocks: _Blocks,
-    grid: Callable[[_Blocks], tuple[int, ...]],
-    args: tuple[Any, ...],
-    constants: dict[str, Any],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    """Launch ``kernel``, shrinking its tiles if the GPU runs out of shared memory (the table above is
-    sized for an H100; a consumer GPU has half the shared memory) and remembering what fit."""
-    key = (name, constants["HEAD_DIM"], dtype, device.index or 0)
-    blocks = _fitted.get(key, blocks)
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch as the host code plans it: which kernel (a name in ``_triton_kernels()``), its
+    tiles, grid, positional arguments and constexpr keywords. The runtime launches these; the compile
+    check (ferrolm.kernels.report) compiles exactly these for targets it does not have."""
+
+    kernel: str  # "fwd", "delta", "dkdv" or "dq"
+    blocks: _Blocks
+    grid: Callable[[_Blocks], tuple[int, ...]]
+    args: tuple[Any, ...]
+    constants: dict[str, Any]
+
+
+def _launch(plan: _Launch, dtype: torch.dtype, device: torch.device) -> None:
+    """Launch ``plan``, shrinking its tiles if the GPU runs out of shared memory (the tables in configs.py
+    are checked for an A100's and an H100's; a consumer GPU has less) and remembering what fit."""
+    kernel = getattr(_triton_kernels(), plan.kernel)
+    key = (plan.kernel, plan.constants["HEAD_DIM"], dtype, device.index or 0)
+    blocks = _fitted.get(key, plan.blocks)
     while True:
         try:
-            kernel[grid(blocks)](
-                *args, **constants, BLOCK_M=blocks.m, BLOCK_N=blocks.n, num_warps=blocks.warps,
+            kernel[plan.grid(blocks)](
+                *plan.args, **plan.constants, BLOCK_M=blocks.m, BLOCK_N=blocks.n, num_warps=blocks.warps,
                 num_stages=blocks.stages,
             )  # fmt: skip
             return
@@ -461,6 +449,92 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _forward_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+    config: _Config,
+) -> tuple[list[_Launch], torch.Tensor, torch.Tensor]:
+    """The forward's launches and the (not yet written) tensors they fill: out (N, H, D), lse (H, N)."""
+    N, H, D = q.shape
+    H_kv = k.shape[1]
+    out = _empty((N, H, D), q.dtype, q.device)  # (N, H, D)
+    lse = _empty((H, N), torch.float32, q.device)  # (H, N): per-head rows contiguous for the backward
+    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
+    fwd = _Launch(
+        "fwd",
+        config.fwd,
+        lambda b: (_cdiv(N, b.m), H),
+        (q, k, v, out, lse, cu, n_cu, n_search, seq_len, N,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         out.stride(0), out.stride(1), scale * math.log2(math.e)),
+        dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
+             DOT_PRECISION=_dot_precision(q.dtype)),
+    )  # fmt: skip
+    return [fwd], out, lse
+
+
+def _backward_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+    config: _Config,
+) -> tuple[list[_Launch], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's launches, in order, and the gradients they fill: dq, dk, dv."""
+    N, H, D = q.shape
+    H_kv = k.shape[1]
+    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
+    docs = (cu, n_cu, n_search, seq_len, N)
+    flags = dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
+                 DOT_PRECISION=_dot_precision(q.dtype))  # fmt: skip
+    qk_scale = scale * math.log2(math.e)
+
+    delta = _empty((H, N), torch.float32, q.device)  # (H, N): rowsum(dO * O), the softmax-gradient shift
+    delta_launch = _Launch(
+        "delta",
+        config.dq,
+        lambda b: (_cdiv(N, b.m), H),
+        (out, grad_out, delta, N, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1)),
+        dict(HEAD_DIM=D),
+    )
+
+    dk = _empty(k.shape, k.dtype, k.device)  # (N, H_kv, D)
+    dv = _empty(v.shape, v.dtype, v.device)  # (N, H_kv, D)
+    dkdv = _Launch(
+        "dkdv",
+        config.dkdv,
+        lambda b: (_cdiv(N, b.n), H_kv),  # one program per key block and K/V head: no atomics
+        (q, k, v, grad_out, dk, dv, lse, delta, *docs,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+         qk_scale, scale),
+        flags,
+    )  # fmt: skip
+
+    dq = _empty(q.shape, q.dtype, q.device)  # (N, H, D)
+    dq_launch = _Launch(
+        "dq",
+        config.dq,
+        lambda b: (_cdiv(N, b.m), H),
+        (q, k, v, grad_out, dq, lse, delta, *docs,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), qk_scale, scale),
+        flags,
+    )  # fmt: skip
+    return [delta_launch, dkdv, dq_launch], dq, dk, dv
+
+
 def _triton_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -470,25 +544,10 @@ def _triton_forward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kernels = _triton_kernels()
-    N, H, D = q.shape
-    H_kv = k.shape[1]
-    out = _empty((N, H, D), q.dtype, q.device)  # (N, H, D)
-    lse = _empty((H, N), torch.float32, q.device)  # (H, N): per-head rows contiguous for the backward
-    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
-    _launch(
-        kernels.fwd,
-        "fwd",
-        _config(D, q.device).fwd,
-        lambda b: (_cdiv(N, b.m), H),
-        (q, k, v, out, lse, cu, n_cu, n_search, seq_len, N,
-         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         out.stride(0), out.stride(1), scale * math.log2(math.e)),
-        dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
-             DOT_PRECISION=_dot_precision(q.dtype)),
-        q.dtype,
-        q.device,
-    )  # fmt: skip
+    config = _config(q.shape[-1], q.device)
+    launches, out, lse = _forward_plan(q, k, v, cu_seqlens, seq_len, causal, scale, config)
+    for plan in launches:
+        _launch(plan, q.dtype, q.device)
     return out, lse
 
 
@@ -504,57 +563,12 @@ def _triton_backward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _triton_kernels()
-    N, H, D = q.shape
-    H_kv = k.shape[1]
-    config = _config(D, q.device)
-    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
-    docs = (cu, n_cu, n_search, seq_len, N)
-    flags = dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
-                 DOT_PRECISION=_dot_precision(q.dtype))  # fmt: skip
-    qk_scale = scale * math.log2(math.e)
-
-    delta = _empty((H, N), torch.float32, q.device)  # (H, N): rowsum(dO * O), the softmax-gradient shift
-    _launch(
-        kernels.delta,
-        "delta",
-        config.dq,
-        lambda b: (_cdiv(N, b.m), H),
-        (out, grad_out, delta, N, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1)),
-        dict(HEAD_DIM=D),
-        q.dtype,
-        q.device,
+    config = _config(q.shape[-1], q.device)
+    launches, dq, dk, dv = _backward_plan(
+        q, k, v, out, lse, grad_out, cu_seqlens, seq_len, causal, scale, config
     )
-
-    dk = _empty(k.shape, k.dtype, k.device)  # (N, H_kv, D)
-    dv = _empty(v.shape, v.dtype, v.device)  # (N, H_kv, D)
-    _launch(
-        kernels.dkdv,
-        "dkdv",
-        config.dkdv,
-        lambda b: (_cdiv(N, b.n), H_kv),  # one program per key block and K/V head: no atomics
-        (q, k, v, grad_out, dk, dv, lse, delta, *docs,
-         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-         qk_scale, scale),
-        flags,
-        q.dtype,
-        q.device,
-    )  # fmt: skip
-
-    dq = _empty(q.shape, q.dtype, q.device)  # (N, H, D)
-    _launch(
-        kernels.dq,
-        "dq",
-        config.dq,
-        lambda b: (_cdiv(N, b.m), H),
-        (q, k, v, grad_out, dq, lse, delta, *docs,
-         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), qk_scale, scale),
-        flags,
-        q.dtype,
-        q.device,
-    )  # fmt: skip
+    for plan in launches:  # in order: delta feeds dK/dV and dQ
+        _launch(plan, q.dtype, q.device)
     return dq, dk, dv
 
 
