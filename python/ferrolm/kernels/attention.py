@@ -134,7 +134,9 @@ def flash_attention_varlen(
     """
     _check_qkv(q, k, v, packed=True)
     _check_cu_seqlens(cu_seqlens, q)
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    # Under torch.compile the check would guard on max_seqlen's value (which the kernels never read), so
+    # a new longest document would recompile the model: checked in eager mode only.
+    if not torch.compiler.is_compiling() and (not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     scale = _default_scale(softmax_scale, q.shape[-1])
     if _select_backend(backend, q) == "sdpa":
@@ -254,7 +256,9 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> None:
         )
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
-    if cu_seqlens.device.type == "cpu":
+    # Values are read on the CPU only in eager mode: on CUDA reading them would synchronize the device,
+    # and under torch.compile it would break the graph (and recompile it for every new set of boundaries).
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         if first != 0 or last != q.shape[0] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError(

@@ -106,8 +106,13 @@ def all_cases(
     targets: Iterable[int] | None = None,
     head_dims: Iterable[int] = HEAD_DIMS,
     dtypes: Iterable[str] = DTYPES,
+    causal: Iterable[bool] = (True, False),
+    varlen: Iterable[bool] = (True, False),
+    groups: Iterable[int] = (1, 4),
 ) -> list[Case]:
-    """The full matrix. The delta kernel ignores the mask and GQA: one case per target, head dim, dtype."""
+    """The full matrix (or the part asked for). The delta kernel ignores the mask and GQA: one case per
+    target, head dim and dtype."""
+    causal, varlen, groups = tuple(causal), tuple(varlen), tuple(groups)
     cases = []
     for kernel, target, d, dtype in itertools.product(
         kernels, targets or supported_targets(), head_dims, dtypes
@@ -115,8 +120,8 @@ def all_cases(
         if kernel == "delta":
             cases.append(Case(kernel, target, d, dtype, True, False, 1))
             continue
-        for causal, varlen, group in itertools.product((True, False), (True, False), (1, 4)):
-            cases.append(Case(kernel, target, d, dtype, causal, varlen, group))
+        for c, v, g in itertools.product(causal, varlen, groups):
+            cases.append(Case(kernel, target, d, dtype, c, v, g))
     return cases
 
 
@@ -259,17 +264,29 @@ def fresh_cache() -> Iterator[None]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(cases: list[Case], jobs: int = 1) -> list[Result]:
-    """Compile every case (``jobs`` processes), in a fresh cache; results in the order of ``cases``."""
+def run(cases: list[Case], jobs: int = 1, progress: bool = False) -> list[Result]:
+    """Compile every case (``jobs`` processes), in a fresh cache; results in the order of ``cases``.
+    ``progress`` prints one line per finished case on stderr."""
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
         raise RuntimeError("unset TRITON_INTERPRET: the compile check needs the real compiler")
+
+    def done(i: int, result: Result) -> Result:
+        if progress:
+            status = "; ".join(result.problems) or "ok"
+            print(f"[{i}/{len(cases)}] {result.case.name}: {result.seconds:.1f} s, {status}", file=sys.stderr)
+        return result
+
     with fresh_cache():
         if jobs <= 1:
-            return [compile_case(c) for c in cases]
+            return [done(i + 1, compile_case(c)) for i, c in enumerate(cases)]
         # spawn: fresh interpreters, no state of this process's torch/triton threads forked along.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            return list(pool.map(compile_case, cases))
+            futures = {pool.submit(compile_case, c): c for c in cases}
+            results = {}
+            for i, future in enumerate(concurrent.futures.as_completed(futures)):
+                results[futures[future]] = done(i + 1, future.result())
+        return [results[c] for c in cases]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--masks", default="causal,full", help="causal and/or full (not causal)")
+    parser.add_argument("--layouts", default="varlen,dense", help="varlen and/or dense")
+    parser.add_argument("--groups", default="1,4", help="GQA groups: query heads per K/V head")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--summary-only", action="store_true", help="omit the per-case table")
     parser.add_argument("--json", type=Path, default=None, help="also write every case here")
     args = parser.parse_args(argv)
@@ -372,9 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         listed(args.targets or ",".join(map(str, supported)), supported, int, "targets"),
         listed(args.head_dims, HEAD_DIMS, int, "head-dims"),
         listed(args.dtypes, DTYPES, str, "dtypes"),
+        [m == "causal" for m in listed(args.masks, ("causal", "full"), str, "masks")],
+        [x == "varlen" for x in listed(args.layouts, ("varlen", "dense"), str, "layouts")],
+        listed(args.groups, (1, 2, 4, 8), int, "groups"),
     )
     started = time.perf_counter()
-    results = run(cases, jobs=max(1, args.jobs))
+    results = run(cases, jobs=max(1, args.jobs), progress=not args.quiet)
     wall = time.perf_counter() - started
     print(
         f"Attention kernels compiled ahead of time: {len(results)} cases in {wall:.0f} s, {_environment()}."
