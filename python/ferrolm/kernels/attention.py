@@ -94,7 +94,7 @@ def flash_attention(
         return torch.empty_like(q)
     # A dense batch is a packed stream of B documents of length T: the same kernel, with each row's
     # document computed arithmetically instead of searched for.
-    out = _FlashAttentionFunction.apply(
+    out = _flash(
         q.reshape(B * T, H, D),  # (B*T, H, D), a view when (B, T) are mergeable, as in a model's layout
         k.reshape(B * T, k.shape[2], D),
         v.reshape(B * T, v.shape[2], D),
@@ -143,7 +143,7 @@ def flash_attention_varlen(
         return _sdpa_varlen(q, k, v, cu_seqlens, causal, scale)
     if q.numel() == 0:
         return torch.empty_like(q)
-    return _FlashAttentionFunction.apply(q, k, v, cu_seqlens, 0, causal, scale)
+    return _flash(q, k, v, cu_seqlens, 0, causal, scale)
 
 
 def attention_reference(
@@ -316,38 +316,92 @@ def _sdpa_varlen(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd wrapper around the kernels
+# The kernels as torch custom operators, with autograd
+#
+# Custom operators rather than a torch.autograd.Function: torch.compile treats an operator as one opaque
+# node (its shapes come from the fake implementation), where it would try to trace a Function's forward
+# into the Triton launch code and fail or break the graph. A graph break inside the model's loop over
+# blocks makes dynamo skip the whole forward.
 
 
-class _FlashAttentionFunction(torch.autograd.Function):
-    """Packed (N, H, D) attention on the Triton kernels. ``cu_seqlens`` None means documents of
-    ``seq_len`` tokens each (a dense batch)."""
+@torch.library.custom_op("ferrolm::flash_attention_forward", mutates_args=())
+def _flash_forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (N, H, D) attention on the Triton kernels: (out (N, H, D), lse (H, N)). ``cu_seqlens``
+    None means documents of ``seq_len`` tokens each (a dense batch)."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _triton_forward(q, k, v, cu_seqlens, seq_len, causal, scale)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        seq_len: int,
-        causal: bool,
-        scale: float,
-    ) -> torch.Tensor:
-        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        out, lse = _triton_forward(q, k, v, cu_seqlens, seq_len, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.seq_len, ctx.causal, ctx.scale = seq_len, causal, scale
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _triton_backward(
-            q, k, v, out, lse, _last_dim_contiguous(grad_out), cu_seqlens, ctx.seq_len, ctx.causal, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None
+@_flash_forward_op.register_fake
+def _flash_forward_fake(q, k, v, cu_seqlens, seq_len, causal, scale):  # type: ignore[no-untyped-def]
+    N, H, D = q.shape
+    return q.new_empty((N, H, D)), q.new_empty((H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("ferrolm::flash_attention_backward", mutates_args=())
+def _flash_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``_flash_forward_op``, each contiguous."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _triton_backward(
+        q, k, v, out, lse, _last_dim_contiguous(grad_out), cu_seqlens, seq_len, causal, scale
+    )
+
+
+@_flash_backward_op.register_fake
+def _flash_backward_fake(q, k, v, out, lse, grad_out, cu_seqlens, seq_len, causal, scale):  # type: ignore[no-untyped-def]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    q, k, v, cu_seqlens, seq_len, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.seq_len, ctx.causal, ctx.scale = seq_len, causal, scale
+
+
+def _flash_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
+    # lse is an internal output (nothing differentiates through it): its gradient is ignored.
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_backward_op(
+        q, k, v, out, lse, grad_out, cu_seqlens, ctx.seq_len, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_forward_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+def _flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    return _flash_forward_op(q, k, v, cu_seqlens, seq_len, causal, scale)[0]
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,33 @@ _UNTUNED = {
     256: Config(Blocks(64, 64, 8, 2), Blocks(32, 64, 8, 1), Blocks(64, 32, 8, 1)),
 }
 
-# Per GPU generation and head dim. Ampere (sm_80: A100, 163 KiB shared memory per block) also serves
-# sm_86/89 (99 KiB): what does not fit there shrinks at run time (attention._launch).
+# Per GPU generation and head dim, from the compile check's table (bf16, causal, varlen, GQA group 4 while
+# tuning; then every case of tests/test_attention_aot.py). Where the untuned tiles already stayed in
+# registers they are kept. What changed, and why:
+# - dK/dV, head dim 128: 64 queries x 128 keys kept two (128, 128) fp32 accumulators plus K and V as
+#   operands in 255 registers: 1.7-6.4 KB of stack on sm_80, 136-216 B on sm_90. Smaller query tiles
+#   (FlashAttention-2's and Triton's tutorial choice for this pass) free the registers the (BN, BM)
+#   probability tiles need: 32 x 64 with 3 stages on sm_80 (40 B), 32 x 128 on sm_90 (88 B; wider key
+#   tiles read each query block half as often).
+# - dK/dV, head dim 256, sm_90: 32 x 32 keys (0 B, was 472-480 B at 32 x 64).
+# - dQ on sm_80: head dim 128 as 128 x 32 (0 B, was 264-408 B); 256 as 32 x 32 (0 B, was 1,368 B).
+# - forward, head dim 256, sm_80: 32 x 64 with 4 warps (8 B, was up to 4,112 B at 64 x 64 x 8 warps).
+# Ampere (sm_80: A100, 163 KiB shared memory per block) also serves sm_86/89 (99 KiB): what does not fit
+# there shrinks at run time (attention._launch).
+_SM80 = {
+    **_UNTUNED,
+    128: Config(Blocks(128, 64, 8, 3), Blocks(32, 64, 8, 3), Blocks(128, 32, 8, 2)),
+    256: Config(Blocks(32, 64, 4, 2), Blocks(32, 64, 8, 1), Blocks(32, 32, 8, 1)),
+}
+_SM90 = {
+    **_UNTUNED,
+    128: Config(Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 2), Blocks(128, 64, 8, 2)),
+    256: Config(Blocks(64, 64, 8, 2), Blocks(32, 32, 8, 1), Blocks(64, 32, 8, 1)),
+}
 GPU_CONFIGS: dict[str, dict[int, Config]] = {
-    "sm80": dict(_UNTUNED),
-    "sm90": dict(_UNTUNED),
-    "sm100": dict(_UNTUNED),
+    "sm80": _SM80,
+    "sm90": _SM90,
+    "sm100": dict(_UNTUNED),  # Blackwell: the untuned tiles compile without spills (B200 227 KiB)
 }
 
 

@@ -27,6 +27,8 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib.metadata
+import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -42,6 +44,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ferrolm.kernels import configs
 
 KERNELS = ("fwd", "delta", "dkdv", "dq")
 DTYPES = ("bf16", "fp16")
@@ -125,20 +129,40 @@ def all_cases(
     return cases
 
 
-def supported_targets() -> list[int]:
-    """sm_80 and sm_90, and sm_100 where the installed triton has a ptxas that knows it."""
-    import triton
+def _triton_dir() -> Path:
+    """The installed triton package's directory, found without importing it: importing triton decides
+    whether its own library functions (tl.zeros_like, ...) are interpreted, so a process that runs the
+    interpreter tests must not import it before TRITON_INTERPRET is set (the compiles run in workers)."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "triton is not installed: the compile check needs it (torch's Linux wheels ship it)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
 
+
+def _tool_version(name: str) -> str:
+    """'12.8'-style release of one of the NVIDIA tools inside the triton wheel."""
+    path = _triton_dir() / "backends" / "nvidia" / "bin" / name
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: this triton has no NVIDIA backend tools")
+    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60).stdout
+    found = re.search(r"release (\d+\.\d+)", out)
+    if found is None:
+        raise RuntimeError(f"cannot read the version of {path}: {out.strip()!r}")
+    return found.group(1)
+
+
+def supported_targets() -> list[int]:
+    """sm_80 and sm_90, and sm_100 where the installed triton has a ptxas that knows it (CUDA >= 12.8).
+    Raises ImportError without triton, RuntimeError without its NVIDIA tools."""
+    _tool_version("ptxas")
     targets = [80, 90]
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        tool = get_ptxas(100)
-        if tuple(int(x) for x in tool.version.split(".")[:2]) >= (12, 8):  # first CUDA with sm_100
+        if tuple(int(x) for x in _tool_version("ptxas-blackwell").split(".")) >= (12, 8):
             targets.append(100)
-    except (ImportError, RuntimeError, ValueError, AttributeError):
+    except RuntimeError:
         pass
-    del triton
     return targets
 
 
@@ -151,7 +175,6 @@ def _meta_plan(case: Case) -> Any:
     import torch
 
     from ferrolm.kernels import attention
-    from ferrolm.kernels.configs import gpu_config
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     N, H, D = TOKENS, HEADS, case.head_dim
@@ -163,7 +186,7 @@ def _meta_plan(case: Case) -> Any:
     q, k, v = q.view(N, H, D), k.view(N, H_kv, D), v.view(N, H_kv, D)
     cu = torch.empty(CU_ENTRIES, dtype=torch.int32, device=meta) if case.varlen else None
     seq_len = 0 if case.varlen else 1024
-    config = gpu_config(D, (case.target // 10, case.target % 10))
+    config = configs.gpu_config(D, (case.target // 10, case.target % 10))
     scale = D**-0.5
     fwd, out, lse = attention._forward_plan(q, k, v, cu, seq_len, case.causal, scale, config)
     grad_out = torch.empty(N, H, D, dtype=dtype, device=meta)
@@ -277,16 +300,24 @@ def run(cases: list[Case], jobs: int = 1, progress: bool = False) -> list[Result
         return result
 
     with fresh_cache():
-        if jobs <= 1:
-            return [done(i + 1, compile_case(c)) for i, c in enumerate(cases)]
-        # spawn: fresh interpreters, no state of this process's torch/triton threads forked along.
+        # Always in fresh (spawned) interpreters, each given this process's config tables: the caller may
+        # have changed them (the tests do), and this process may have imported triton for its
+        # interpreter, which the real compiler cannot share (see _triton_dir).
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            max(1, jobs), mp_context=context, initializer=_init_worker, initargs=(configs.GPU_CONFIGS,)
+        ) as pool:
             futures = {pool.submit(compile_case, c): c for c in cases}
             results = {}
             for i, future in enumerate(concurrent.futures.as_completed(futures)):
                 results[futures[future]] = done(i + 1, future.result())
         return [results[c] for c in cases]
+
+
+def _init_worker(tables: dict[str, dict[int, configs.Config]]) -> None:
+    configs.GPU_CONFIGS.clear()
+    configs.GPU_CONFIGS.update(tables)
+    os.environ.pop("TRITON_INTERPRET", None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,12 +375,10 @@ def full_table(results: list[Result]) -> str:
 
 def _environment() -> str:
     import torch
-    import triton
-    from triton.backends.nvidia.compiler import get_ptxas
 
     return (
-        f"triton {triton.__version__}, torch {torch.__version__}, ptxas {get_ptxas(90).version} "
-        f"(sm_90+) / {get_ptxas(80).version} (sm_80)"
+        f"triton {importlib.metadata.version('triton')}, torch {torch.__version__}, ptxas "
+        f"{_tool_version('ptxas-blackwell')} (sm_90+) / {_tool_version('ptxas')} (sm_80)"
     )
 
 
