@@ -48,8 +48,9 @@ _UNTUNED = {
 # - dK/dV, head dim 128: 64 queries x 128 keys kept two (128, 128) fp32 accumulators plus K and V as
 #   operands in 255 registers: 1.7-6.4 KB of stack on sm_80, 136-216 B on sm_90. Smaller query tiles
 #   (FlashAttention-2's and Triton's tutorial choice for this pass) free the registers the (BN, BM)
-#   probability tiles need: 32 x 64 with 3 stages on sm_80 (40 B), 32 x 128 on sm_90 (88 B; wider key
-#   tiles read each query block half as often).
+#   probability tiles need: 32 queries x 64 keys, with 3 stages on sm_80 (24-40 B) and 2 on sm_90 (0-96
+#   B). 32 x 128 on sm_90 stayed at 88 B with documents but spilled 160 B on dense batches; 16 x 128
+#   spills nothing but feeds the dK/dV accumulation 16-deep matrix products.
 # - dK/dV, head dim 256, sm_90: 32 x 32 keys (0 B, was 472-480 B at 32 x 64).
 # - dQ on sm_80: head dim 128 as 128 x 32 (0 B, was 264-408 B); 256 as 32 x 32 (0 B, was 1,368 B).
 # - forward, head dim 256, sm_80: 32 x 64 with 4 warps (8 B, was up to 4,112 B at 64 x 64 x 8 warps).
@@ -62,7 +63,7 @@ _SM80 = {
 }
 _SM90 = {
     **_UNTUNED,
-    128: Config(Blocks(128, 64, 8, 3), Blocks(32, 128, 8, 2), Blocks(128, 64, 8, 2)),
+    128: Config(Blocks(128, 64, 8, 3), Blocks(32, 64, 8, 2), Blocks(128, 64, 8, 2)),
     256: Config(Blocks(64, 64, 8, 2), Blocks(32, 32, 8, 1), Blocks(64, 32, 8, 1)),
 }
 GPU_CONFIGS: dict[str, dict[int, Config]] = {
