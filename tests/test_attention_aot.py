@@ -169,46 +169,8 @@ def test_refuses_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.compile
-
-
-def test_compiled_model_step_does_not_recompile_for_new_document_boundaries() -> None:
-    """The loader pads cu_seqlens to a fixed length, so a new batch's boundaries change values, not
-    shapes: the compiled model must neither recompile nor break its graph (a graph break inside the loop
-    over blocks would make dynamo skip the whole forward). max_seqlen is the static seq_len, as the
-    loader's documentation says a trainer may pass. Dynamo alone decides recompiles; a recording backend
-    keeps the test fast."""
-    from ferrolm.model import GPT, GPTConfig
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny", vocab_size=256))
-    graphs = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        graphs.append(gm)
-        return gm.forward
-
-    step = torch.compile(model, backend=record)
-    B, T, n_cu = 2, 64, 12
-
-    def batch(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        lengths = [n for row in rows for n in row]
-        bounds = [0, *itertools.accumulate(lengths)]
-        bounds += [bounds[-1]] * (n_cu - len(bounds))  # the loader's padding: zero-length documents
-        position_ids = torch.cat([torch.arange(n) for n in lengths]).view(B, T)
-        ids = torch.randint(0, 256, (B, T))
-        return ids, position_ids, torch.tensor(bounds, dtype=torch.int32)
-
-    layouts = [[[30, 34], [64]], [[10, 20, 34], [1, 63]], [[64], [64]], [[5] * 8 + [24], [32, 32]]]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for rows in layouts:
-            ids, position_ids, cu = batch(rows)
-            _, loss = step(ids, ids, position_ids=position_ids, cu_seqlens=cu, max_seqlen=T)
-            loss.backward()
-            assert torch.isfinite(loss)
-    assert len(graphs) == 1, f"{len(graphs)} graphs: the forward broke its graph"
-    torch._dynamo.reset()
+# torch.compile. The two interpreter tests come first: they need this process's first import of triton
+# to happen with TRITON_INTERPRET set (dynamo may import triton itself), as test_attention.py's do.
 
 
 def test_compiled_triton_path_is_one_graph_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,3 +219,42 @@ def test_custom_operator_passes_opcheck(monkeypatch: pytest.MonkeyPatch) -> None
     cu = torch.tensor([0, 17, 40], dtype=torch.int32)
     torch.library.opcheck(attention._flash_forward_op, (q, k, v, cu, 0, True, 0.25))
     torch.library.opcheck(attention._flash_forward_op, (q, k, v, None, 20, False, 0.25))
+
+
+def test_compiled_model_step_does_not_recompile_for_new_document_boundaries() -> None:
+    """The loader pads cu_seqlens to a fixed length, so a new batch's boundaries change values, not
+    shapes: the compiled model must neither recompile nor break its graph (a graph break inside the loop
+    over blocks would make dynamo skip the whole forward). max_seqlen is the static seq_len, as the
+    loader's documentation says a trainer may pass. Dynamo alone decides recompiles; a recording backend
+    keeps the test fast."""
+    from ferrolm.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", vocab_size=256))
+    graphs = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(model, backend=record)
+    B, T, n_cu = 2, 64, 12
+
+    def batch(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        lengths = [n for row in rows for n in row]
+        bounds = [0, *itertools.accumulate(lengths)]
+        bounds += [bounds[-1]] * (n_cu - len(bounds))  # the loader's padding: zero-length documents
+        position_ids = torch.cat([torch.arange(n) for n in lengths]).view(B, T)
+        ids = torch.randint(0, 256, (B, T))
+        return ids, position_ids, torch.tensor(bounds, dtype=torch.int32)
+
+    layouts = [[[30, 34], [64]], [[10, 20, 34], [1, 63]], [[64], [64]], [[5] * 8 + [24], [32, 32]]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in layouts:
+            ids, position_ids, cu = batch(rows)
+            _, loss = step(ids, ids, position_ids=position_ids, cu_seqlens=cu, max_seqlen=T)
+            loss.backward()
+            assert torch.isfinite(loss)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the forward broke its graph"
+    torch._dynamo.reset()
