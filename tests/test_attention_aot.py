@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,14 +171,36 @@ def test_refuses_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.compile. The two interpreter tests come first: they need this process's first import of triton
-# to happen with TRITON_INTERPRET set (dynamo may import triton itself), as test_attention.py's do.
+# torch.compile. The two interpreter tests run in a fresh pytest process with TRITON_INTERPRET set from
+# the start: triton decides at import whether its own library functions (tl.zeros_like, used by the
+# varlen kernels) are interpreted, and this process may have imported it already (dynamo does).
+
+_CHILD = "FERROLM_AOT_INTERPRETER_CHILD"
+
+
+def _in_fresh_interpreter_process(name: str) -> bool:
+    """True in the child (run the test body); in the parent, run ``name`` in a child and check it."""
+    if os.environ.get(_CHILD) == "1":
+        return True
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{name}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+    return False
 
 
 def test_compiled_triton_path_is_one_graph_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels are torch custom operators: torch.compile keeps them as one node (no graph break into
     the launch code) and gets the same output and gradients. Run in Triton's interpreter, fp32."""
     pytest.importorskip("triton")
+    if not _in_fresh_interpreter_process("test_compiled_triton_path_is_one_graph_and_matches_eager"):
+        return
     from ferrolm.kernels import attention, flash_attention_varlen
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -211,6 +235,8 @@ def test_custom_operator_passes_opcheck(monkeypatch: pytest.MonkeyPatch) -> None
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree with the
     real kernels (in the interpreter)."""
     pytest.importorskip("triton")
+    if not _in_fresh_interpreter_process("test_custom_operator_passes_opcheck"):
+        return
     from ferrolm.kernels import attention
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")

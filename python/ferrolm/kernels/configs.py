@@ -51,15 +51,19 @@ _UNTUNED = {
 #   probability tiles need: 32 queries x 64 keys, with 3 stages on sm_80 (24-40 B) and 2 on sm_90 (0-96
 #   B). 32 x 128 on sm_90 stayed at 88 B with documents but spilled 160 B on dense batches; 16 x 128
 #   spills nothing but feeds the dK/dV accumulation 16-deep matrix products.
-# - dK/dV, head dim 256, sm_90: 32 x 32 keys (0 B, was 472-480 B at 32 x 64).
+# - dK/dV, head dim 256: 32 x 32 keys on sm_90 (0 B, was 472-480 B at 32 x 64) and sm_80 (0 B; 32 x 64
+#   spilled 232 B on dense batches, fp16, group 4).
 # - dQ on sm_80: head dim 128 as 128 x 32 (0 B, was 264-408 B); 256 as 32 x 32 (0 B, was 1,368 B).
 # - forward, head dim 256, sm_80: 32 x 64 with 4 warps (8 B, was up to 4,112 B at 64 x 64 x 8 warps).
+# - head dim 64, sm_80: forward 64 x 64 (0 B; 128 x 64 spilled 152 B without a mask, fp16, group 4) and
+#   dK/dV 32 x 64 x 3 stages (8 B; 64 x 128 spilled 160 B unmasked with documents, group 4).
 # Ampere (sm_80: A100, 163 KiB shared memory per block) also serves sm_86/89 (99 KiB): what does not fit
 # there shrinks at run time (attention._launch).
 _SM80 = {
     **_UNTUNED,
+    64: Config(Blocks(64, 64, 4, 3), Blocks(32, 64, 8, 3), Blocks(128, 64, 8, 2)),
     128: Config(Blocks(128, 64, 8, 3), Blocks(32, 64, 8, 3), Blocks(128, 32, 8, 2)),
-    256: Config(Blocks(32, 64, 4, 2), Blocks(32, 64, 8, 1), Blocks(32, 32, 8, 1)),
+    256: Config(Blocks(32, 64, 4, 2), Blocks(32, 32, 8, 1), Blocks(32, 32, 8, 1)),
 }
 _SM90 = {
     **_UNTUNED,
