@@ -47,6 +47,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ferrolm.kernels.configs import Blocks, Config, gpu_config
+
 Backend = Literal["auto", "triton", "sdpa"]
 
 __all__ = ["attention_reference", "flash_attention", "flash_attention_varlen"]
@@ -92,7 +94,7 @@ def flash_attention(
         return torch.empty_like(q)
     # A dense batch is a packed stream of B documents of length T: the same kernel, with each row's
     # document computed arithmetically instead of searched for.
-    out = _FlashAttentionFunction.apply(
+    out = _flash(
         q.reshape(B * T, H, D),  # (B*T, H, D), a view when (B, T) are mergeable, as in a model's layout
         k.reshape(B * T, k.shape[2], D),
         v.reshape(B * T, v.shape[2], D),
@@ -132,14 +134,16 @@ def flash_attention_varlen(
     """
     _check_qkv(q, k, v, packed=True)
     _check_cu_seqlens(cu_seqlens, q)
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    # Under torch.compile the check would guard on max_seqlen's value (which the kernels never read), so
+    # a new longest document would recompile the model: checked in eager mode only.
+    if not torch.compiler.is_compiling() and (not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     scale = _default_scale(softmax_scale, q.shape[-1])
     if _select_backend(backend, q) == "sdpa":
         return _sdpa_varlen(q, k, v, cu_seqlens, causal, scale)
     if q.numel() == 0:
         return torch.empty_like(q)
-    return _FlashAttentionFunction.apply(q, k, v, cu_seqlens, 0, causal, scale)
+    return _flash(q, k, v, cu_seqlens, 0, causal, scale)
 
 
 def attention_reference(
@@ -252,7 +256,9 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> None:
         )
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
-    if cu_seqlens.device.type == "cpu":
+    # Values are read on the CPU only in eager mode: on CUDA reading them would synchronize the device,
+    # and under torch.compile it would break the graph (and recompile it for every new set of boundaries).
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         if first != 0 or last != q.shape[0] or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError(
@@ -310,38 +316,92 @@ def _sdpa_varlen(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd wrapper around the kernels
+# The kernels as torch custom operators, with autograd
+#
+# Custom operators rather than a torch.autograd.Function: torch.compile treats an operator as one opaque
+# node (its shapes come from the fake implementation), where it would try to trace a Function's forward
+# into the Triton launch code and fail or break the graph. A graph break inside the model's loop over
+# blocks makes dynamo skip the whole forward.
 
 
-class _FlashAttentionFunction(torch.autograd.Function):
-    """Packed (N, H, D) attention on the Triton kernels. ``cu_seqlens`` None means documents of
-    ``seq_len`` tokens each (a dense batch)."""
+@torch.library.custom_op("ferrolm::flash_attention_forward", mutates_args=())
+def _flash_forward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (N, H, D) attention on the Triton kernels: (out (N, H, D), lse (H, N)). ``cu_seqlens``
+    None means documents of ``seq_len`` tokens each (a dense batch)."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _triton_forward(q, k, v, cu_seqlens, seq_len, causal, scale)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        seq_len: int,
-        causal: bool,
-        scale: float,
-    ) -> torch.Tensor:
-        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        out, lse = _triton_forward(q, k, v, cu_seqlens, seq_len, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.seq_len, ctx.causal, ctx.scale = seq_len, causal, scale
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _triton_backward(
-            q, k, v, out, lse, _last_dim_contiguous(grad_out), cu_seqlens, ctx.seq_len, ctx.causal, ctx.scale
-        )
-        return dq, dk, dv, None, None, None, None
+@_flash_forward_op.register_fake
+def _flash_forward_fake(q, k, v, cu_seqlens, seq_len, causal, scale):  # type: ignore[no-untyped-def]
+    N, H, D = q.shape
+    return q.new_empty((N, H, D)), q.new_empty((H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("ferrolm::flash_attention_backward", mutates_args=())
+def _flash_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``_flash_forward_op``, each contiguous."""
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _triton_backward(
+        q, k, v, out, lse, _last_dim_contiguous(grad_out), cu_seqlens, seq_len, causal, scale
+    )
+
+
+@_flash_backward_op.register_fake
+def _flash_backward_fake(q, k, v, out, lse, grad_out, cu_seqlens, seq_len, causal, scale):  # type: ignore[no-untyped-def]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    q, k, v, cu_seqlens, seq_len, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.seq_len, ctx.causal, ctx.scale = seq_len, causal, scale
+
+
+def _flash_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple[Any, ...]:
+    # lse is an internal output (nothing differentiates through it): its gradient is ignored.
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_backward_op(
+        q, k, v, out, lse, grad_out, cu_seqlens, ctx.seq_len, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_forward_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+def _flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    return _flash_forward_op(q, k, v, cu_seqlens, seq_len, causal, scale)[0]
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -360,38 +420,19 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 # Launch configuration
 
 
-@dataclass(frozen=True)
-class _Blocks:
-    m: int  # query rows per tile
-    n: int  # key rows per tile
-    warps: int
-    stages: int  # software-pipelining depth of the inner loop (shared memory grows with it)
-
-
-@dataclass(frozen=True)
-class _Config:
-    fwd: _Blocks
-    dkdv: _Blocks  # program owns a key block of n rows and loops over query blocks of m rows
-    dq: _Blocks
-
-
-# Starting points for Hopper/Ampere in 16-bit (FlashAttention-2's and Triton's tutorial choices), not
-# yet tuned on hardware: benches/bench_attention.py is where to tune them. Every config fits in an
-# H100's 227 KiB of shared memory; smaller GPUs go through the fallback in _launch.
-_GPU_CONFIGS = {
-    16: _Config(_Blocks(128, 64, 4, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    32: _Config(_Blocks(128, 64, 4, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    64: _Config(_Blocks(128, 64, 4, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    128: _Config(_Blocks(128, 64, 8, 3), _Blocks(64, 128, 8, 2), _Blocks(128, 64, 8, 2)),
-    256: _Config(_Blocks(64, 64, 8, 2), _Blocks(32, 64, 8, 1), _Blocks(64, 32, 8, 1)),
-}
+# The GPU tables and the function that picks from them live in configs.py, shared with the ahead-of-time
+# compile check (ferrolm.kernels.report), so the configs it checks are the ones launched here.
+_Blocks = Blocks
+_Config = Config
 # The interpreter runs one numpy op per tile op: small, unequal tiles keep tests fast at T <= 256 and put
 # document boundaries inside blocks, across blocks and on block edges.
 _INTERPRETER_CONFIG = _Config(_Blocks(32, 16, 4, 1), _Blocks(16, 32, 4, 1), _Blocks(32, 16, 4, 1))
 
 
 def _config(head_dim: int, device: torch.device) -> _Config:
-    return _GPU_CONFIGS[head_dim] if device.type == "cuda" else _INTERPRETER_CONFIG
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    return gpu_config(head_dim, torch.cuda.get_device_capability(device))
 
 
 def _smaller(blocks: _Blocks) -> _Blocks | None:
@@ -408,24 +449,29 @@ def _smaller(blocks: _Blocks) -> _Blocks | None:
 _fitted: dict[tuple[str, int, torch.dtype, int], _Blocks] = {}  # kernel launches that had to shrink
 
 
-def _launch(
-    kernel: Any,
-    name: str,
-    blocks: _Blocks,
-    grid: Callable[[_Blocks], tuple[int, ...]],
-    args: tuple[Any, ...],
-    constants: dict[str, Any],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    """Launch ``kernel``, shrinking its tiles if the GPU runs out of shared memory (the table above is
-    sized for an H100; a consumer GPU has half the shared memory) and remembering what fit."""
-    key = (name, constants["HEAD_DIM"], dtype, device.index or 0)
-    blocks = _fitted.get(key, blocks)
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch as the host code plans it: which kernel (a name in ``_triton_kernels()``), its
+    tiles, grid, positional arguments and constexpr keywords. The runtime launches these; the compile
+    check (ferrolm.kernels.report) compiles exactly these for targets it does not have."""
+
+    kernel: str  # "fwd", "delta", "dkdv" or "dq"
+    blocks: _Blocks
+    grid: Callable[[_Blocks], tuple[int, ...]]
+    args: tuple[Any, ...]
+    constants: dict[str, Any]
+
+
+def _launch(plan: _Launch, dtype: torch.dtype, device: torch.device) -> None:
+    """Launch ``plan``, shrinking its tiles if the GPU runs out of shared memory (the tables in configs.py
+    are checked for an A100's and an H100's; a consumer GPU has less) and remembering what fit."""
+    kernel = getattr(_triton_kernels(), plan.kernel)
+    key = (plan.kernel, plan.constants["HEAD_DIM"], dtype, device.index or 0)
+    blocks = _fitted.get(key, plan.blocks)
     while True:
         try:
-            kernel[grid(blocks)](
-                *args, **constants, BLOCK_M=blocks.m, BLOCK_N=blocks.n, num_warps=blocks.warps,
+            kernel[plan.grid(blocks)](
+                *plan.args, **plan.constants, BLOCK_M=blocks.m, BLOCK_N=blocks.n, num_warps=blocks.warps,
                 num_stages=blocks.stages,
             )  # fmt: skip
             return
@@ -461,6 +507,92 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _forward_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+    config: _Config,
+) -> tuple[list[_Launch], torch.Tensor, torch.Tensor]:
+    """The forward's launches and the (not yet written) tensors they fill: out (N, H, D), lse (H, N)."""
+    N, H, D = q.shape
+    H_kv = k.shape[1]
+    out = _empty((N, H, D), q.dtype, q.device)  # (N, H, D)
+    lse = _empty((H, N), torch.float32, q.device)  # (H, N): per-head rows contiguous for the backward
+    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
+    fwd = _Launch(
+        "fwd",
+        config.fwd,
+        lambda b: (_cdiv(N, b.m), H),
+        (q, k, v, out, lse, cu, n_cu, n_search, seq_len, N,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         out.stride(0), out.stride(1), scale * math.log2(math.e)),
+        dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
+             DOT_PRECISION=_dot_precision(q.dtype)),
+    )  # fmt: skip
+    return [fwd], out, lse
+
+
+def _backward_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_len: int,
+    causal: bool,
+    scale: float,
+    config: _Config,
+) -> tuple[list[_Launch], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's launches, in order, and the gradients they fill: dq, dk, dv."""
+    N, H, D = q.shape
+    H_kv = k.shape[1]
+    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
+    docs = (cu, n_cu, n_search, seq_len, N)
+    flags = dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
+                 DOT_PRECISION=_dot_precision(q.dtype))  # fmt: skip
+    qk_scale = scale * math.log2(math.e)
+
+    delta = _empty((H, N), torch.float32, q.device)  # (H, N): rowsum(dO * O), the softmax-gradient shift
+    delta_launch = _Launch(
+        "delta",
+        config.dq,
+        lambda b: (_cdiv(N, b.m), H),
+        (out, grad_out, delta, N, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1)),
+        dict(HEAD_DIM=D),
+    )
+
+    dk = _empty(k.shape, k.dtype, k.device)  # (N, H_kv, D)
+    dv = _empty(v.shape, v.dtype, v.device)  # (N, H_kv, D)
+    dkdv = _Launch(
+        "dkdv",
+        config.dkdv,
+        lambda b: (_cdiv(N, b.n), H_kv),  # one program per key block and K/V head: no atomics
+        (q, k, v, grad_out, dk, dv, lse, delta, *docs,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+         qk_scale, scale),
+        flags,
+    )  # fmt: skip
+
+    dq = _empty(q.shape, q.dtype, q.device)  # (N, H, D)
+    dq_launch = _Launch(
+        "dq",
+        config.dq,
+        lambda b: (_cdiv(N, b.m), H),
+        (q, k, v, grad_out, dq, lse, delta, *docs,
+         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), qk_scale, scale),
+        flags,
+    )  # fmt: skip
+    return [delta_launch, dkdv, dq_launch], dq, dk, dv
+
+
 def _triton_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -470,25 +602,10 @@ def _triton_forward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kernels = _triton_kernels()
-    N, H, D = q.shape
-    H_kv = k.shape[1]
-    out = _empty((N, H, D), q.dtype, q.device)  # (N, H, D)
-    lse = _empty((H, N), torch.float32, q.device)  # (H, N): per-head rows contiguous for the backward
-    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
-    _launch(
-        kernels.fwd,
-        "fwd",
-        _config(D, q.device).fwd,
-        lambda b: (_cdiv(N, b.m), H),
-        (q, k, v, out, lse, cu, n_cu, n_search, seq_len, N,
-         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         out.stride(0), out.stride(1), scale * math.log2(math.e)),
-        dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
-             DOT_PRECISION=_dot_precision(q.dtype)),
-        q.dtype,
-        q.device,
-    )  # fmt: skip
+    config = _config(q.shape[-1], q.device)
+    launches, out, lse = _forward_plan(q, k, v, cu_seqlens, seq_len, causal, scale, config)
+    for plan in launches:
+        _launch(plan, q.dtype, q.device)
     return out, lse
 
 
@@ -504,57 +621,12 @@ def _triton_backward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _triton_kernels()
-    N, H, D = q.shape
-    H_kv = k.shape[1]
-    config = _config(D, q.device)
-    cu, n_cu, n_search, seq_len, is_varlen = _documents(cu_seqlens, seq_len, q.device)
-    docs = (cu, n_cu, n_search, seq_len, N)
-    flags = dict(GROUP=H // H_kv, HEAD_DIM=D, CAUSAL=causal, IS_VARLEN=is_varlen,
-                 DOT_PRECISION=_dot_precision(q.dtype))  # fmt: skip
-    qk_scale = scale * math.log2(math.e)
-
-    delta = _empty((H, N), torch.float32, q.device)  # (H, N): rowsum(dO * O), the softmax-gradient shift
-    _launch(
-        kernels.delta,
-        "delta",
-        config.dq,
-        lambda b: (_cdiv(N, b.m), H),
-        (out, grad_out, delta, N, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1)),
-        dict(HEAD_DIM=D),
-        q.dtype,
-        q.device,
+    config = _config(q.shape[-1], q.device)
+    launches, dq, dk, dv = _backward_plan(
+        q, k, v, out, lse, grad_out, cu_seqlens, seq_len, causal, scale, config
     )
-
-    dk = _empty(k.shape, k.dtype, k.device)  # (N, H_kv, D)
-    dv = _empty(v.shape, v.dtype, v.device)  # (N, H_kv, D)
-    _launch(
-        kernels.dkdv,
-        "dkdv",
-        config.dkdv,
-        lambda b: (_cdiv(N, b.n), H_kv),  # one program per key block and K/V head: no atomics
-        (q, k, v, grad_out, dk, dv, lse, delta, *docs,
-         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         grad_out.stride(0), grad_out.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-         qk_scale, scale),
-        flags,
-        q.dtype,
-        q.device,
-    )  # fmt: skip
-
-    dq = _empty(q.shape, q.dtype, q.device)  # (N, H, D)
-    _launch(
-        kernels.dq,
-        "dq",
-        config.dq,
-        lambda b: (_cdiv(N, b.m), H),
-        (q, k, v, grad_out, dq, lse, delta, *docs,
-         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-         grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1), qk_scale, scale),
-        flags,
-        q.dtype,
-        q.device,
-    )  # fmt: skip
+    for plan in launches:  # in order: delta feeds dK/dV and dQ
+        _launch(plan, q.dtype, q.device)
     return dq, dk, dv
 
 
