@@ -35,6 +35,10 @@ const CACHE_SLOTS: usize = 1 << 16;
 const CACHE_IDS: usize = 4;
 /// Word caches one thread keeps (one per tokenizer it used last): bounds memory per thread.
 const CACHES_PER_THREAD: usize = 4;
+/// Pieces [`PieceBatch`] holds before it looks their table slots up. Looking a batch up in two
+/// passes (compute every slot and prefetch it, then read them) keeps many cache misses in flight
+/// at once instead of waiting for each in turn: a lookup in a multi-megabyte table is a miss.
+pub const BATCH: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Merge {
@@ -53,7 +57,7 @@ struct ShortKey {
 }
 
 impl ShortKey {
-    #[inline]
+    #[inline(always)]
     fn pack(piece: &[u8]) -> Option<ShortKey> {
         let n = piece.len();
         if n == 0 || n > SHORT_MAX {
@@ -79,7 +83,7 @@ impl ShortKey {
     }
 
     /// A well-mixed 64-bit hash (two multiply-xor rounds); callers take the top bits.
-    #[inline]
+    #[inline(always)]
     fn hash(self) -> u64 {
         let h = (self.lo.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.hi as u64)
             .wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
@@ -88,7 +92,7 @@ impl ShortKey {
 }
 
 /// The bytes of `b` (at most 8) as a little-endian integer, from two overlapping loads.
-#[inline]
+#[inline(always)]
 fn load_le(b: &[u8]) -> u64 {
     let n = b.len();
     let word4 = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes")) as u64;
@@ -157,8 +161,19 @@ impl ShortTable {
 
     #[inline]
     fn get(&self, key: ShortKey) -> Option<u32> {
+        self.get_from(key, self.home(key))
+    }
+
+    /// The slot where the search for `key` starts.
+    #[inline]
+    fn home(&self, key: ShortKey) -> usize {
+        (key.hash() >> self.shift) as usize
+    }
+
+    #[inline]
+    fn get_from(&self, key: ShortKey, home: usize) -> Option<u32> {
         let mask = self.slots.len() - 1;
-        let mut i = (key.hash() >> self.shift) as usize;
+        let mut i = home;
         loop {
             let slot = self.slots[i];
             if slot.key() == key {
@@ -172,12 +187,206 @@ impl ShortTable {
     }
 }
 
+/// The merge table: open addressing (linear probing, load factor <= 1/2) from a pair of ids to
+/// its merge, 16-byte slots. Unlike a general hash map it lets the merge loop compute where a
+/// pair's slot is and prefetch it before reading it (see [`PairTable::home`]).
+#[derive(Debug, Clone)]
+struct PairTable {
+    slots: Vec<PairSlot>,
+    shift: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct PairSlot {
+    /// [`pair_key`] of the pair, or [`EMPTY_PAIR`] (no id is `u32::MAX`).
+    key: u64,
+    merge: Merge,
+}
+
+const EMPTY_PAIR: u64 = u64::MAX;
+
+impl PairTable {
+    fn new(merges: &FxHashMap<u64, Merge>) -> PairTable {
+        let bits = (merges.len().max(1) * 2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(4);
+        let empty = PairSlot {
+            key: EMPTY_PAIR,
+            merge: Merge {
+                priority: NONE,
+                merged: NONE,
+            },
+        };
+        let mut table = PairTable {
+            slots: vec![empty; 1 << bits],
+            shift: 64 - bits,
+        };
+        let mask = table.slots.len() - 1;
+        for (&key, &merge) in merges {
+            let mut i = table.home(key);
+            while table.slots[i].key != EMPTY_PAIR && table.slots[i].key != key {
+                i = (i + 1) & mask;
+            }
+            table.slots[i] = PairSlot { key, merge };
+        }
+        table
+    }
+
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((h ^ (h >> 32)).wrapping_mul(0xC2B2_AE3D_27D4_EB4F) >> self.shift) as usize
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, key: u64) -> usize {
+        let home = self.home(key);
+        prefetch(&self.slots[home]);
+        home
+    }
+
+    #[inline(always)]
+    fn get_from(&self, key: u64, home: usize) -> Option<Merge> {
+        let mask = self.slots.len() - 1;
+        let mut i = home;
+        loop {
+            let slot = self.slots[i];
+            if slot.key == key {
+                return Some(slot.merge);
+            }
+            if slot.key == EMPTY_PAIR {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
 /// One thread's memory of pieces it merged for one encoder: a direct-mapped table (a new piece
 /// replaces whatever shared its slot), so its size is fixed and a hit is one probe. It only ever
 /// holds the exact output of the merge loop for the exact piece, so it never changes ids.
 struct WordCache {
     encoder: u64,
     slots: Box<[CacheSlot]>,
+    /// The same for pieces longer than [`SHORT_MAX`] (runs of CJK letters, long identifiers):
+    /// their bytes are stored and compared in full. Allocated on the first long piece.
+    long: Box<[LongSlot]>,
+}
+
+/// Slots of the long-piece cache, and the longest piece (bytes) and result (ids) a slot holds.
+const LONG_SLOTS: usize = 1 << 13;
+const LONG_MAX: usize = 64;
+const LONG_IDS: usize = 24;
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LongSlot {
+    /// Piece length in bytes; 0 marks an empty slot.
+    len: u32,
+    n_ids: u32,
+    bytes: [u8; LONG_MAX],
+    ids: [u32; LONG_IDS],
+}
+
+impl Default for LongSlot {
+    fn default() -> Self {
+        LongSlot {
+            len: 0,
+            n_ids: 0,
+            bytes: [0; LONG_MAX],
+            ids: [0; LONG_IDS],
+        }
+    }
+}
+
+/// A hash of a piece of up to [`LONG_MAX`] bytes, eight at a time.
+#[inline]
+fn long_hash(piece: &[u8]) -> u64 {
+    let mut h = piece.len() as u64;
+    let mut chunks = piece.chunks_exact(8);
+    for chunk in &mut chunks {
+        let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    h = (h ^ load_le(chunks.remainder())).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    h ^ (h >> 29)
+}
+
+impl WordCache {
+    /// [`WordCache::merge`] for a piece longer than [`SHORT_MAX`].
+    #[inline]
+    fn merge_long(&mut self, bpe: &BytePairEncoder, piece: &[u8], out: &mut Vec<u32>) {
+        if piece.len() > LONG_MAX {
+            return bpe.merge(piece, out);
+        }
+        if self.long.is_empty() {
+            self.long = vec![LongSlot::default(); LONG_SLOTS].into_boxed_slice();
+        }
+        let index = (long_hash(piece) >> (64 - LONG_SLOTS.trailing_zeros())) as usize;
+        let slot = &mut self.long[index];
+        if slot.len as usize == piece.len() && &slot.bytes[..piece.len()] == piece {
+            out.extend_from_slice(&slot.ids[..slot.n_ids as usize]);
+            return;
+        }
+        let start = out.len();
+        bpe.merge(piece, out);
+        let ids = &out[start..];
+        if ids.len() <= LONG_IDS {
+            slot.len = piece.len() as u32;
+            slot.n_ids = ids.len() as u32;
+            slot.bytes[..piece.len()].copy_from_slice(piece);
+            slot.ids[..ids.len()].copy_from_slice(ids);
+        }
+    }
+
+    #[inline]
+    fn index(key: ShortKey) -> usize {
+        (key.hash() >> (64 - CACHE_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// `bpe`'s ids for `piece` (whose key is `key`, slot `index`), from the cache or from the
+    /// merge loop, remembered when they fit a slot.
+    #[inline]
+    fn merge(
+        &mut self,
+        bpe: &BytePairEncoder,
+        key: ShortKey,
+        index: usize,
+        piece: &[u8],
+        out: &mut Vec<u32>,
+    ) {
+        let slot = &mut self.slots[index];
+        if slot.lo == key.lo && slot.hi == key.hi {
+            out.extend_from_slice(&slot.ids[..slot.len as usize]);
+            return;
+        }
+        let start = out.len();
+        bpe.merge(piece, out);
+        let ids = &out[start..];
+        if ids.len() <= CACHE_IDS {
+            slot.lo = key.lo;
+            slot.hi = key.hi;
+            slot.len = ids.len() as u32;
+            slot.ids[..ids.len()].copy_from_slice(ids);
+        }
+    }
+}
+
+/// Starts loading the cache line holding `value`: a hint, with no effect on any result.
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    // SAFETY: SSE is part of the x86_64 baseline, and a prefetch never faults nor reads into
+    // the program: any address is allowed (this one is a live reference).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (value as *const T).cast::<i8>(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 #[derive(Clone, Copy, Default)]
@@ -200,7 +409,7 @@ static NEXT_ENCODER: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug, Clone)]
 pub struct BytePairEncoder {
     byte_ids: [u32; 256],
-    merges: FxHashMap<u64, Merge>,
+    merges: PairTable,
     /// Pieces whose encoding is the single token they map to: short ones inline, long ones here.
     whole_short: ShortTable,
     whole_long: FxHashMap<Vec<u8>, u32>,
@@ -224,7 +433,7 @@ impl BytePairEncoder {
     ) -> Self {
         let mut encoder = BytePairEncoder {
             byte_ids,
-            merges,
+            merges: PairTable::new(&merges),
             whole_short: ShortTable::new(std::iter::empty()),
             whole_long: FxHashMap::default(),
             uid: 0,
@@ -276,7 +485,8 @@ impl BytePairEncoder {
 
     #[inline]
     fn merge_of(&self, left: u32, right: u32) -> Option<Merge> {
-        self.merges.get(&pair_key(left, right)).copied()
+        let key = pair_key(left, right);
+        self.merges.get_from(key, self.merges.home(key))
     }
 
     #[inline]
@@ -300,7 +510,10 @@ impl BytePairEncoder {
                 }
                 None => match self.whole_long.get(piece) {
                     Some(&id) => out.push(id),
-                    None => self.merge(piece, out),
+                    None => self.with_word_cache(|cache| match cache {
+                        Some(cache) => cache.merge_long(self, piece, out),
+                        None => self.merge(piece, out),
+                    }),
                 },
             },
         }
@@ -308,16 +521,78 @@ impl BytePairEncoder {
 
     /// The merge loop behind this thread's word cache for this encoder.
     fn merge_cached(&self, key: ShortKey, piece: &[u8], out: &mut Vec<u32>) {
-        let cached = WORD_CACHES.try_with(|caches| {
-            let Ok(mut caches) = caches.try_borrow_mut() else {
-                return false;
-            };
-            let at = match caches.iter().position(|c| c.encoder == self.uid) {
-                Some(0) => 0,
-                Some(i) => {
-                    caches[..=i].rotate_right(1);
-                    0
+        self.with_word_cache(|cache| match cache {
+            Some(cache) => cache.merge(self, key, WordCache::index(key), piece, out),
+            None => self.merge(piece, out),
+        })
+    }
+
+    /// Appends the ids of each piece to `out`, in order: for each, what [`Self::encode_piece`]
+    /// appends. At most [`BATCH`] pieces. First every table slot is computed and prefetched, then
+    /// the slots are read: the misses of a whole batch overlap.
+    #[inline]
+    pub fn encode_pieces(&self, pieces: &[&[u8]], out: &mut Vec<u32>) {
+        assert!(pieces.len() <= BATCH, "at most BATCH pieces");
+        let mut keys = [ShortKey::default(); BATCH];
+        let mut homes = [0usize; BATCH];
+        for (i, piece) in pieces.iter().enumerate() {
+            if piece.len() >= 2 {
+                if let Some(key) = ShortKey::pack(piece) {
+                    keys[i] = key;
+                    homes[i] = self.whole_short.home(key);
+                    prefetch(&self.whole_short.slots[homes[i]]);
                 }
+            }
+        }
+        // The id of each piece that is one token (NONE: it needs the cache or the merge loop).
+        let mut whole = [NONE; BATCH];
+        self.with_word_cache(|mut cache| {
+            for (i, piece) in pieces.iter().enumerate() {
+                whole[i] = match piece.len() {
+                    0 => continue,
+                    1 => self.byte_ids[piece[0] as usize],
+                    _ if !keys[i].is_empty() => {
+                        match self.whole_short.get_from(keys[i], homes[i]) {
+                            Some(id) => id,
+                            None => {
+                                homes[i] = WordCache::index(keys[i]);
+                                if let Some(cache) = &cache {
+                                    prefetch(&cache.slots[homes[i]]);
+                                }
+                                NONE
+                            }
+                        }
+                    }
+                    _ => self.whole_long.get(*piece).copied().unwrap_or(NONE),
+                };
+            }
+            for (i, piece) in pieces.iter().enumerate() {
+                if whole[i] != NONE {
+                    out.push(whole[i]);
+                } else if piece.is_empty() {
+                } else if let Some(cache) = cache.as_deref_mut() {
+                    if keys[i].is_empty() {
+                        cache.merge_long(self, piece, out);
+                    } else {
+                        cache.merge(self, keys[i], homes[i], piece, out);
+                    }
+                } else {
+                    self.merge(piece, out);
+                }
+            }
+        });
+    }
+
+    /// Runs `f` with this thread's word cache for this encoder (made if needed), or with None
+    /// when the thread has none to lend (its destructor ran, or the cache is in use further up).
+    #[inline]
+    fn with_word_cache<R>(&self, f: impl FnOnce(Option<&mut WordCache>) -> R) -> R {
+        let mut f = Some(f);
+        let result = WORD_CACHES.try_with(|caches| {
+            let mut caches = caches.try_borrow_mut().ok()?;
+            match caches.iter().position(|c| c.encoder == self.uid) {
+                Some(0) => {}
+                Some(i) => caches[..=i].rotate_right(1),
                 None => {
                     if caches.len() == CACHES_PER_THREAD {
                         caches.pop();
@@ -327,30 +602,17 @@ impl BytePairEncoder {
                         WordCache {
                             encoder: self.uid,
                             slots: vec![CacheSlot::default(); CACHE_SLOTS].into_boxed_slice(),
+                            long: Box::default(),
                         },
                     );
-                    0
                 }
-            };
-            let slot =
-                &mut caches[at].slots[(key.hash() >> (64 - CACHE_SLOTS.trailing_zeros())) as usize];
-            if slot.lo == key.lo && slot.hi == key.hi {
-                out.extend_from_slice(&slot.ids[..slot.len as usize]);
-                return true;
             }
-            let start = out.len();
-            self.merge(piece, out);
-            let ids = &out[start..];
-            if ids.len() <= CACHE_IDS {
-                slot.lo = key.lo;
-                slot.hi = key.hi;
-                slot.len = ids.len() as u32;
-                slot.ids[..ids.len()].copy_from_slice(ids);
-            }
-            true
+            let f = f.take().expect("called once");
+            Some(f(Some(&mut caches[0])))
         });
-        if cached != Ok(true) {
-            self.merge(piece, out);
+        match result {
+            Ok(Some(r)) => r,
+            _ => (f.take().expect("not called yet"))(None),
         }
     }
 
@@ -370,40 +632,53 @@ impl BytePairEncoder {
         if piece.is_empty() {
             return;
         }
-        // ids[i] is part i; priorities[i] is the priority of merging part i with part i + 1.
+        // ids[i] is part i; pairs[i] is the merge of part i with part i + 1 (priority NONE: none).
+        let no_merge = Merge {
+            priority: NONE,
+            merged: NONE,
+        };
         let mut ids = [0u32; HEAP_THRESHOLD];
-        let mut priorities = [NONE; HEAP_THRESHOLD];
+        let mut pairs = [no_merge; HEAP_THRESHOLD];
         let mut n = piece.len();
         for (id, &b) in ids.iter_mut().zip(piece) {
             *id = self.byte_ids[b as usize];
         }
+        // Every pair's slot first (prefetched), then the merges: the cache misses overlap.
+        let mut homes = [0usize; HEAP_THRESHOLD];
         for i in 0..n - 1 {
-            priorities[i] = self.priority(ids[i], ids[i + 1]);
+            homes[i] = self.merges.prefetch(pair_key(ids[i], ids[i + 1]));
+        }
+        for i in 0..n - 1 {
+            let key = pair_key(ids[i], ids[i + 1]);
+            pairs[i] = self.merges.get_from(key, homes[i]).unwrap_or(no_merge);
         }
         loop {
+            // The leftmost lowest priority (tiktoken's tie rule).
             let mut best = NONE;
             let mut at = 0;
-            for (i, &p) in priorities[..n - 1].iter().enumerate() {
-                if p < best {
-                    best = p;
+            for (i, pair) in pairs[..n - 1].iter().enumerate() {
+                if pair.priority < best {
+                    best = pair.priority;
                     at = i;
                 }
             }
             if best == NONE {
                 break;
             }
-            ids[at] = self
-                .merge_of(ids[at], ids[at + 1])
-                .expect("priority came from a merge")
-                .merged;
+            ids[at] = pairs[at].merged;
             ids.copy_within(at + 2..n, at + 1);
-            priorities.copy_within(at + 1..n - 1, at);
+            pairs.copy_within(at + 1..n - 1, at);
             n -= 1;
-            if at + 1 < n {
-                priorities[at] = self.priority(ids[at], ids[at + 1]);
+            // The two new pairs around the merged part: both slots in flight, then both read.
+            let right = (at + 1 < n).then(|| self.merges.prefetch(pair_key(ids[at], ids[at + 1])));
+            let left = (at > 0).then(|| self.merges.prefetch(pair_key(ids[at - 1], ids[at])));
+            if let Some(home) = right {
+                let key = pair_key(ids[at], ids[at + 1]);
+                pairs[at] = self.merges.get_from(key, home).unwrap_or(no_merge);
             }
-            if at > 0 {
-                priorities[at - 1] = self.priority(ids[at - 1], ids[at]);
+            if let Some(home) = left {
+                let key = pair_key(ids[at - 1], ids[at]);
+                pairs[at - 1] = self.merges.get_from(key, home).unwrap_or(no_merge);
             }
         }
         out.extend_from_slice(&ids[..n]);
@@ -478,6 +753,11 @@ mod tests {
 
     /// Bytes a=0, b=1, c=2 (others unused); merges: (a,a)->3 p0, (3,a)->4 p1, (b,c)->5 p2, (a,b)->6 p3.
     fn toy(shortcut: bool) -> BytePairEncoder {
+        toy_with(shortcut, &[])
+    }
+
+    /// [`toy`] with `extra` merges (left, right, priority, merged) added or replacing its own.
+    fn toy_with(shortcut: bool, extra: &[(u32, u32, u32, u32)]) -> BytePairEncoder {
         let mut byte_ids = [NONE; 256];
         for (i, b) in [b'a', b'b', b'c'].into_iter().enumerate() {
             byte_ids[b as usize] = i as u32;
@@ -488,7 +768,8 @@ mod tests {
             }
         }
         let mut merges = FxHashMap::default();
-        for (l, r, p, m) in [(0, 0, 0, 3), (3, 0, 1, 4), (1, 2, 2, 5), (0, 1, 3, 6)] {
+        let own = [(0, 0, 0, 3), (3, 0, 1, 4), (1, 2, 2, 5), (0, 1, 3, 6)];
+        for &(l, r, p, m) in own.iter().chain(extra) {
             merges.insert(
                 pair_key(l, r),
                 Merge {
@@ -601,18 +882,49 @@ mod tests {
     }
 
     #[test]
+    fn batched_encoding_equals_the_merge_loop() {
+        // Batches of every size up to BATCH, pieces of 0 to 100 bytes (short keys, the long-piece
+        // cache and its 64-byte limit, the heap path), many more than cache slots, twice.
+        for bpe in [toy(false), toy(true)] {
+            let mut strings = random_strings(11, 2 * LONG_SLOTS, b"abcx");
+            strings.extend((0..=100).map(|n| b"abcab".iter().cycle().take(n).copied().collect()));
+            for round in 0..2 {
+                let mut at = 0;
+                let mut size = round;
+                while at < strings.len() {
+                    size = (size * 7 + 3) % (BATCH + 1);
+                    let batch: Vec<&[u8]> = strings[at..(at + size).min(strings.len())]
+                        .iter()
+                        .map(|s| &s[..])
+                        .collect();
+                    at += size.max(1);
+                    let mut expected = vec![];
+                    for piece in &batch {
+                        if piece.len() == 3
+                            && **piece == *b"abc"
+                            && bpe
+                                .whole_short
+                                .get(ShortKey::pack(piece).unwrap())
+                                .is_some()
+                        {
+                            expected.push(42);
+                        } else {
+                            bpe.merge(piece, &mut expected);
+                        }
+                    }
+                    let mut got = vec![];
+                    bpe.encode_pieces(&batch, &mut got);
+                    assert_eq!(got, expected, "round {round}: {batch:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn encoders_on_one_thread_never_share_cache_entries() {
         // Same bytes, different merge tables: each must keep its own results.
         let a = toy(false);
-        let mut b = toy(false);
-        b.merges.insert(
-            pair_key(0, 1),
-            Merge {
-                priority: 0,
-                merged: 77,
-            },
-        );
-        b = b.with_whole_pieces(FxHashMap::default());
+        let b = toy_with(false, &[(0, 1, 0, 77)]);
         let extra: Vec<BytePairEncoder> = (0..CACHES_PER_THREAD + 2).map(|_| toy(false)).collect();
         for _ in 0..3 {
             assert_eq!(encode(&a, b"abab"), vec![6, 6]);

@@ -276,13 +276,27 @@ impl Tokenizer {
 
     fn encode_ordinary_into(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
         if self.parts.add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
-            let prefixed = format!(" {text}");
-            return self.pretokenizer.split(&prefixed, |piece| {
-                self.bpe.encode_piece(piece.as_bytes(), out)
-            });
+            return self.encode_pieces_of(&format!(" {text}"), out);
         }
-        self.pretokenizer
-            .split(text, |piece| self.bpe.encode_piece(piece.as_bytes(), out))
+        self.encode_pieces_of(text, out)
+    }
+
+    /// Splits `text` and encodes its pieces [`encode::BATCH`] at a time (see
+    /// [`BytePairEncoder::encode_pieces`]).
+    #[inline]
+    fn encode_pieces_of(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut batch: [&[u8]; encode::BATCH] = [&[]; encode::BATCH];
+        let mut n = 0;
+        self.pretokenizer.split(text, |piece| {
+            batch[n] = piece.as_bytes();
+            n += 1;
+            if n == encode::BATCH {
+                self.bpe.encode_pieces(&batch, out);
+                n = 0;
+            }
+        })?;
+        self.bpe.encode_pieces(&batch[..n], out);
+        Ok(())
     }
 
     /// Encodes text, turning allowed special tokens into their ids and refusing disallowed ones.
