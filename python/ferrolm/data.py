@@ -258,11 +258,11 @@ def shard_corpus(
     if val_fraction > 0 and manifest.documents("val") == 0:
         # The split is by document hash: a small corpus can draw no validation document at all,
         # and training would then skip validation without a word.
+        documents = manifest.documents("train")
         warnings.warn(
-            f"val_fraction={val_fraction} put none of {manifest.documents('train'):,} documents in the "
-            f"val split of {output_dir}: training will not validate. Raise val_fraction (about "
-            f"{max(1.0 / max(manifest.documents('train'), 1), val_fraction):.2g} or more per expected "
-            "document) or change seed.",
+            f"val_fraction={val_fraction} put none of the {documents:,} documents in the val split of "
+            f"{output_dir}, so training will not validate: for about 3 val documents use "
+            f"val_fraction={min(0.5, 3 / max(documents, 1)):.2g}",
             UserWarning,
             stacklevel=2,
         )
