@@ -62,11 +62,16 @@ sdist: venv
 
 # What a user without a wheel does: pip builds the sdist (maturin from PyPI, cargo, this Rust
 # toolchain) in a venv that has nothing else. The build honours CARGO_TARGET_DIR (.ci/run sets it),
-# so CI recompiles only ferrolm itself, not its dependencies, after the first run on a machine.
+# so after the first run on a machine only ferrolm itself is compiled again, not its dependencies.
+# The archive's files all carry maturin's fixed, reproducible date (2006), which cargo would take
+# for "unchanged since the last build" and reuse a stale library: unpack with fresh dates (tar -m)
+# so ferrolm is always rebuilt from what the archive holds.
 sdist-check: sdist
-	rm -rf $(BUILD_DIR)/sdist-venv
+	rm -rf $(BUILD_DIR)/sdist-venv $(BUILD_DIR)/sdist-src
+	mkdir -p $(BUILD_DIR)/sdist-src
+	tar -xzmf "$$(ls $(WHEEL_DIR)/ferrolm-*.tar.gz)" -C $(BUILD_DIR)/sdist-src
 	$(PYTHON) -m venv $(BUILD_DIR)/sdist-venv
-	$(BUILD_DIR)/sdist-venv/bin/python -m pip install --quiet "$$(ls $(WHEEL_DIR)/ferrolm-*.tar.gz)"
+	$(BUILD_DIR)/sdist-venv/bin/python -m pip install --quiet $(BUILD_DIR)/sdist-src/ferrolm-*/
 	cd / && $(abspath $(BUILD_DIR))/sdist-venv/bin/python -c "import ferrolm; \
 	  tok = ferrolm.Tokenizer.train(iter(['hello world'] * 50), 300, show_progress=False); \
 	  assert tok.decode(tok.encode('hello world')) == 'hello world'; \
