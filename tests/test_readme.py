@@ -139,7 +139,9 @@ def test_cli_tokenizer_train_creates_the_output_directory(tmp_path, capsys) -> N
 def test_empty_val_split_warns_when_sharding(tmp_path) -> None:  # type: ignore[no-untyped-def]
     tok = small_tokenizer()
     files = small_corpus(tmp_path / "corpus", 5)
-    with pytest.warns(UserWarning, match=r"val_fraction=0\.001 put none of the 5 documents .* use val_fraction=0\.5"):
+    with pytest.warns(
+        UserWarning, match=r"val_fraction=0\.001 put none of the 5 documents .* use val_fraction=0\.5"
+    ):
         manifest = shard_corpus(files, tmp_path / "few", tok, val_fraction=0.001, show_progress=False)
     assert manifest.documents("val") == 0
     with warnings.catch_warnings():
