@@ -140,7 +140,7 @@ def test_empty_val_split_warns_when_sharding(tmp_path) -> None:  # type: ignore[
     tok = small_tokenizer()
     files = small_corpus(tmp_path / "corpus", 5)
     with pytest.warns(
-        UserWarning, match=r"val_fraction=0\.001 put none of the 5 documents .* use val_fraction=0\.5"
+        UserWarning, match=r"val_fraction=0\.001 put none of the 5 document\(s\) .* use val_fraction=0\.5"
     ):
         manifest = shard_corpus(files, tmp_path / "few", tok, val_fraction=0.001, show_progress=False)
     assert manifest.documents("val") == 0

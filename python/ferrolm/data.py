@@ -260,8 +260,8 @@ def shard_corpus(
         # and training would then skip validation without a word.
         documents = manifest.documents("train")
         warnings.warn(
-            f"val_fraction={val_fraction} put none of the {documents:,} documents in the val split of "
-            f"{output_dir}, so training will not validate: for about 3 val documents use "
+            f"val_fraction={val_fraction} put none of the {documents:,} document(s) in the val split "
+            f"of {output_dir}, so training will not validate: for about 3 val documents use "
             f"val_fraction={min(0.5, 3 / max(documents, 1)):.2g}",
             UserWarning,
             stacklevel=2,
