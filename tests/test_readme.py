@@ -69,13 +69,17 @@ def test_the_tour_runs_as_written(tmp_path, monkeypatch, offline, capsys):  # ty
     assert len(blocks) >= 4, "the README tour lost its python blocks"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
-    for number, block in enumerate(blocks, 1):
-        try:
-            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
-        except Exception as error:
-            raise AssertionError(
-                f"README python block {number} fails as written: {error!r}\n{block}"
-            ) from error
+    threads = ferrolm.get_num_threads()  # the tour sets the pool's size: the tests after it get it back
+    try:
+        for number, block in enumerate(blocks, 1):
+            try:
+                exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+            except Exception as error:
+                raise AssertionError(
+                    f"README python block {number} fails as written: {error!r}\n{block}"
+                ) from error
+    finally:
+        ferrolm.set_num_threads(threads)
     # What the tour says it leaves behind is there and loads.
     assert Tokenizer.from_pretrained(tmp_path / "out" / "tokenizer.json").vocab_size == 4096
     assert (tmp_path / "out" / "my.tiktoken").is_file()
