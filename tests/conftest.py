@@ -3,13 +3,17 @@ when it is absent (a user's fresh clone has no ../shared)."""
 
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real data: ../shared/data beside the checkout, or wherever FERROLM_TEST_DATA points (README, "Set up").
+SHARED_DATA = Path(
+    os.environ.get("FERROLM_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 PATTERNS = ["gpt2", "cl100k", "o200k"]
 
@@ -17,7 +21,7 @@ PATTERNS = ["gpt2", "cl100k", "o200k"]
 def shared_data(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():
-        pytest.skip(f"needs {path} (real data from ../shared/data; absent here)")
+        pytest.skip(f"needs {path} (real data: ../shared/data or $FERROLM_TEST_DATA; see README)")
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,12 @@ def test_demo_on_the_stdlib(tmp_path, capsys):
         assert f"{stage} " in out.split("stage times")[1]
     assert "accuracy" in out and str(tmp_path) in out
     assert json.loads((tmp_path / "summary.json").read_text())["evaluate"]["n"] == figures["n"]
+    # ... and lists every file the demo wrote (summary.json and task/*.jsonl were once missing)
+    listed = [Path(p) for p in results["outputs"].values()]
+    for entry in [*tmp_path.iterdir(), *(tmp_path / "task").iterdir()]:
+        assert any(entry == p or entry in p.parents for p in listed), f"{entry} is not in the summary"
+    for path in listed:
+        assert path.exists() and str(path) in out.split("outputs")[-1]
 
 
 def test_demo_cli_on_a_user_corpus_labels_by_directory(tmp_path, capsys):

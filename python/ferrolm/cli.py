@@ -55,10 +55,13 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from ferrolm import Tokenizer
 
     out = Path(args.out)
-    # Fail before a long training run, not after it.
-    parent = out.parent if not out.is_dir() else out
+    # Fail before a long training run, not after it. Missing directories are created when saving
+    # (as Tokenizer.save does): the first one that exists must be a writable directory.
+    parent = out if out.is_dir() else out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise FileNotFoundError(f"--out {args.out}: directory {parent} does not exist")
+        raise NotADirectoryError(f"--out {args.out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"--out {args.out}: directory {parent} is not writable")
     started = time.perf_counter()
@@ -619,10 +622,22 @@ def build_shard_merge_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("parts", nargs="+", help="part directories, in order")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--out", required=True, help="output directory (new or empty)")
+    _add_common_options(parser)
     parser.set_defaults(func=_cmd_shard_merge)
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--version and --debug, on the main parser and on `shard merge`'s (its own parser)."""
+    from ferrolm import __version__
+
+    parser.add_argument("--version", action="version", version=f"ferrolm {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks on errors (accepted anywhere on the command line)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 run 'ferrolm COMMAND --help' for a command's options and an example""",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_common_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -791,15 +806,20 @@ run 'ferrolm COMMAND --help' for a command's options and an example""",
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere: argparse only knows an option on the parser that defines it, and a user
+    # adds --debug after the command that failed. Taken out before parsing (not after a `--`).
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    words = [a for a in argv[:end] if a != "--debug"] + argv[end:]
     # `ferrolm shard merge ...` shares its first word with `ferrolm shard INPUTS...`.
-    words = [a for a in argv if a != "--debug"]
     if words[:2] == ["shard", "merge"]:
         parser = build_shard_merge_parser()
-        args = parser.parse_args(words[2:] + (["--debug"] if "--debug" in argv else []))
+        args = parser.parse_args(words[2:])
     else:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
+    args.debug = debug
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -13,8 +13,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 from ferrolm._core import CoreShardWriter, FerrolmError
 from ferrolm._files import atomic_write_json, copy_file_atomic
+from ferrolm._progress import ProgressLine
 from ferrolm.loader import PackedLoader
 from ferrolm.tokenizer import Tokenizer
 
@@ -134,26 +135,25 @@ def expand_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[st
 
 
 class _Progress:
-    """A one-line progress display on stderr: documents/s, MB/s, tokens so far, ETA by input bytes."""
+    """The sharding progress line on stderr: documents/s, MB/s, tokens so far, ETA by input bytes
+    (redrawn on a terminal, plain lines in a log: ``ferrolm._progress``)."""
 
     def __init__(self, total_bytes: int, enabled: bool) -> None:
-        self.total, self.enabled, self.started, self.last = total_bytes, enabled, time.perf_counter(), 0.0
+        self.total, self.started = total_bytes, time.perf_counter()
+        self.line = ProgressLine(enabled)
 
     def update(self, done_bytes: int, documents: int, tokens: int, final: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < 0.25):
+        if not self.line.due(final):
             return
-        self.last = now
-        elapsed = max(now - self.started, 1e-9)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = done_bytes / elapsed
         eta = (self.total - done_bytes) / rate if rate > 0 else 0.0
-        line = (
-            f"\rshard: {done_bytes / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {documents:,} docs "
+        self.line.show(
+            f"shard: {done_bytes / 1e6:,.1f}/{self.total / 1e6:,.1f} MB  {documents:,} docs "
             f"({documents / elapsed:,.0f}/s)  {rate / 1e6:,.1f} MB/s  {tokens:,} tokens  "
-            f"{'done in ' + format(elapsed, '.1f') + ' s' if final else 'ETA ' + format(eta, '.0f') + ' s'}"
+            f"{'done in ' + format(elapsed, '.1f') + ' s' if final else 'ETA ' + format(eta, '.0f') + ' s'}",
+            final=final,
         )
-        sys.stderr.write(line + ("\n" if final else ""))
-        sys.stderr.flush()
 
 
 def shard_corpus(
@@ -254,7 +254,19 @@ def shard_corpus(
         progress.update(done_bytes, writer.documents_read, writer.tokens_so_far)
     progress.update(done_bytes, writer.documents_read, writer.tokens_so_far, final=True)
     writer.finish(records)
-    return Manifest.load(output_dir)
+    manifest = Manifest.load(output_dir)
+    if val_fraction > 0 and manifest.documents("val") == 0:
+        # The split is by document hash: a small corpus can draw no validation document at all,
+        # and training would then skip validation without a word.
+        documents = manifest.documents("train")
+        warnings.warn(
+            f"val_fraction={val_fraction} put none of the {documents:,} document(s) in the val split "
+            f"of {output_dir}, so training will not validate: for about 3 val documents use "
+            f"val_fraction={min(0.5, 3 / max(documents, 1)):.2g}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return manifest
 
 
 def _is_parquet(path: Path) -> bool:

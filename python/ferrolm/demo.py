@@ -195,6 +195,7 @@ def run_demo(
         ids = [tokens[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
         n_bytes = sum(len(t.encode()) for t in texts)
         results["outputs"]["tokenizer"] = str(json_path)
+        results["outputs"]["tiktoken"] = str(tiktoken_path)
         return {
             "vocab_size": tok.vocab_size,
             "bytes_per_token": n_bytes / max(len(tokens), 1),
@@ -286,6 +287,8 @@ def run_demo(
         print(f"[7/{stages}] evaluate: skipped")
     else:
         counts = {split: path.read_text(encoding="utf-8").count("\n") for split, path in task.items()}
+        for split, path in task.items():
+            results["outputs"][f"task_{split}"] = str(path)
         question = "which package" if corpus is None else "which top-level directory"
         print(
             f"[6/{stages}] fine-tune: {question} does a snippet come from? "
@@ -324,6 +327,9 @@ def run_demo(
         results["evaluate"] = stage("evaluate", evaluate_classifier)
         _print_confusion(results["evaluate"])
 
+    # summary.json (these figures) is written after the summary is printed but listed in it: the
+    # summary names every file the demo leaves behind.
+    results["outputs"]["summary"] = str(out / "summary.json")
     _print_summary(out, results)
     if not (tok_figures["round_trip"] and tok_figures["formats_agree"]):
         raise RuntimeError("demo check failed: see the summary above")

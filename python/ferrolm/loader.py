@@ -15,6 +15,7 @@ and wraps its arrays (no copy).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import os
@@ -142,7 +143,8 @@ class PackedLoader:
     the background thread), ``True`` checks all of them before returning, ``False`` never (sizes,
     headers, document offsets and token ids < vocabulary size are always checked).
     ``format``: ``"torch"`` (tensors, pinned when ``pin_memory``, default: CUDA available) or
-    ``"numpy"``. ``buffer_size``: pieces held by best_fit's buffer (more: less padding, but a
+    ``"numpy"``; the default is ``"torch"`` when PyTorch is installed and ``"numpy"`` otherwise, so
+    the loader works with numpy alone (pass it explicitly for the same output everywhere). ``buffer_size``: pieces held by best_fit's buffer (more: less padding, but a
     short document may wait longer for its row). ``prefetch``: batches kept ready by the
     background thread. After ``fork`` (DataLoader workers) a child restarts its own thread from
     the last batch returned; shards are shared memory maps, never copies. ``plan(start, count)``
@@ -170,9 +172,12 @@ class PackedLoader:
         mask_boundary_labels: bool = False,
         verify: bool | None = None,
         prefetch: int = 4,
-        format: str = "torch",
+        format: str | None = None,
         pin_memory: bool | None = None,
     ) -> None:
+        if format is None:
+            # find_spec looks for the package without importing it (import ferrolm stays torch-free).
+            format = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
         if format not in ("torch", "numpy"):
             raise FerrolmError(f"format must be 'torch' or 'numpy', got {format!r}")
         if packing not in ("concat", "best_fit"):

@@ -100,15 +100,20 @@ class Tokenizer:
         return cls(CoreTokenizer.from_json(text))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a Hugging Face ``tokenizer.json`` (into ``path`` if it is a directory)."""
+        """Write a Hugging Face ``tokenizer.json`` (into ``path`` if it is a directory); missing
+        parent directories are created."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
+        _make_parent(path)
         self._core.save_json(path)
 
     def save_tiktoken(self, path: str | os.PathLike[str]) -> None:
-        """Write a tiktoken rank file (base64 token, space, rank per line) of the ordinary tokens."""
-        self._core.save_tiktoken(os.fspath(path))
+        """Write a tiktoken rank file (base64 token, space, rank per line) of the ordinary tokens;
+        missing parent directories are created."""
+        path = os.fspath(path)
+        _make_parent(path)
+        self._core.save_tiktoken(path)
 
     def to_json(self) -> str:
         """The Hugging Face ``tokenizer.json`` content as a string."""
@@ -299,6 +304,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         name = self._core.pattern_name or "custom pattern"
         return f"Tokenizer(vocab_size={self.vocab_size}, pattern={name}, special_tokens={len(self._special_tokens)})"
+
+
+def _make_parent(path: str) -> None:
+    """Create the directories above ``path``, as ``mkdir -p`` would (``out/tokenizer.json`` works
+    on a fresh checkout); a parent that exists as a file is an error naming it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"{path}: {parent} is not a directory")
+    os.makedirs(parent, exist_ok=True)
 
 
 def _as_int_list(ids: Iterable[int]) -> list[int]:

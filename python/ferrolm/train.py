@@ -30,6 +30,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from ferrolm._files import (
     remove_stale_temporaries,
     sha256_file,
 )
+from ferrolm._progress import ProgressLine
 from ferrolm.checkpoint import (
     load_checkpoint,
     load_model,
@@ -497,6 +499,13 @@ def _train(
     if start_state is None and (result := evaluate()) is not None:
         record({"kind": "val", "step": 0, "tokens": 0, **result})
         progress.note(f"step 0: val loss {result['val_loss']:.4f}")
+    elif start_state is None and ctx.is_main:
+        warnings.warn(
+            f"{config.data}: the val split is empty, so this run will not validate "
+            "(shard with a larger val_fraction to get one)",
+            UserWarning,
+            stacklevel=2,
+        )
 
     model.train()
     last_train_loss, last_val = float("nan"), None
@@ -717,11 +726,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 class _Progress:
-    """One line on stderr: step, loss, lr, tokens/s, ETA (throttled to 4 updates a second)."""
+    """One line on stderr: step, loss, lr, tokens/s, ETA (redrawn on a terminal 4 times a second,
+    plain lines in a log: ``ferrolm._progress``)."""
 
     def __init__(self, enabled: bool, max_steps: int, start_step: int) -> None:
-        self.enabled, self.max_steps, self.start_step = enabled, max_steps, start_step
-        self.started, self.last = time.perf_counter(), 0.0
+        self.max_steps, self.start_step = max_steps, start_step
+        self.started = time.perf_counter()
+        self.line = ProgressLine(enabled)
 
     def update(
         self,
@@ -734,10 +745,9 @@ class _Progress:
         mfu: float | None = None,
     ) -> None:
         """``tokens_per_s``: the whole job's; with several devices, each one's share follows."""
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.25 and step != self.max_steps):
+        if not self.line.due(final=step == self.max_steps):
             return
-        self.last = now
+        now = time.perf_counter()
         rate = (step - self.start_step) / max(now - self.started, 1e-9)  # steps/s since (re)start
         eta = (self.max_steps - step) / rate if rate > 0 else 0.0
         width = 20
@@ -748,20 +758,16 @@ class _Progress:
             speed += f" ({tokens_per_s / world_size:,.0f}/device x {world_size})"
         if mfu is not None:
             speed += f" | MFU {mfu:.1%}"
-        sys.stderr.write(
-            f"\r[{bar}] step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{speed} | ETA {int(eta // 60)}m{int(eta % 60):02d}s "
+        self.line.show(
+            f"[{bar}] step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{speed} | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
         )
-        sys.stderr.flush()
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + text + " " * 20 + "\n")
-            sys.stderr.flush()
+        self.line.note(text)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.line.close()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -254,9 +254,10 @@ impl CoreTokenizer {
             let mut checked = Vec::with_capacity(ids.len());
             for (position, &id) in ids.iter().enumerate() {
                 if id < 0 || id >= self.inner.vocab_size() as i64 {
+                    // Name the largest valid id: "0..N" reads as inclusive to most people.
                     return Err(Error::invalid(format!(
-                        "token id {id} at position {position} is out of range (ids are 0..{})",
-                        self.inner.vocab_size()
+                        "token id {id} at position {position} is out of range (valid ids: 0 to {})",
+                        self.inner.vocab_size() as i64 - 1
                     )));
                 }
                 checked.push(id as u32);

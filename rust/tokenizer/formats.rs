@@ -713,8 +713,8 @@ pub fn load_tiktoken(
         (None, None) => {
             return Err(Error::format(
                 &location,
-                "a tiktoken rank file does not record its pre-tokenization pattern: pass \
-                 pattern='gpt2', 'cl100k', 'o200k' or a regex",
+                "a tiktoken rank file does not record its pre-tokenization pattern: give one \
+                 (--pattern on the command line, pattern= in Python): gpt2, cl100k, o200k or a regex",
             ))
         }
     };

@@ -392,9 +392,9 @@ impl Tokenizer {
                 Some(bytes) => out.extend_from_slice(bytes),
                 None => {
                     return Err(Error::invalid(format!(
-                    "token id {id} at position {position} is not in the vocabulary (ids are 0..{})",
-                    self.vocab_size()
-                )))
+                        "token id {id} at position {position} is not in the vocabulary (the largest id is {})",
+                        self.vocab_size().saturating_sub(1)
+                    )))
                 }
             }
         }
