@@ -141,9 +141,8 @@ def trained_rank_file(pattern: str, vocab_size: int, train_mb: float) -> Path:
             f"training a {vocab_size:,}-token {pattern}-style vocabulary on {texts} (cached)...", flush=True
         )
         started = time.perf_counter()
-        Tokenizer.train(
-            [str(texts)], vocab_size + 1, pattern=pattern, special_tokens=["<|endoftext|>"]
-        ).save_tiktoken(path)
+        # No special tokens: the rank file holds ranks 0..N-1 (gigatoken needs them dense).
+        Tokenizer.train([str(texts)], vocab_size, pattern=pattern, special_tokens=[]).save_tiktoken(path)
         print(f"  trained in {time.perf_counter() - started:.0f} s", flush=True)
         texts.unlink()
     return path
@@ -249,10 +248,11 @@ def cold_runs(peers: Peers, docs: list[str]) -> dict[str, dict[str, Callable[[ob
     }
 
 
-def make(peers: Peers, library: str):  # type: ignore[no-untyped-def]
-    """A fresh instance of `library`, its one-time setup done (a first encode of one character)."""
+def make(peers: Peers, library: str, mode: str):  # type: ignore[no-untyped-def]
+    """A fresh instance of `library`, its one-time setup done: the mode's own call on a one-character
+    document (numpy's C API, a thread pool, awkward arrays: whatever that call loads on first use)."""
     instance = getattr(peers, library.split(" ")[0])()
-    instance.encode("x")
+    cold_runs(peers, ["x"])[mode.replace("warm", "cold")][library](instance)
     return instance
 
 
@@ -272,7 +272,7 @@ def cold_child(args: argparse.Namespace, vocab: str, corpus: str, mode: str, lib
     peers = vocabularies(args)[vocab]()
     docs = documents(split(corpus_files(corpus))[1], args.mb)
     run = cold_runs(peers, docs)[mode][library]
-    instance = make(peers, library)
+    instance = make(peers, library, mode)
     started = time.perf_counter()
     run(instance)
     print(time.perf_counter() - started)
@@ -293,7 +293,7 @@ def time_modes(
     ]:
         modes[mode] = {}
         for library in libraries:
-            instance, run = make(peers, library), runs[cold_mode][library]
+            instance, run = make(peers, library, cold_mode), runs[cold_mode][library]
             run(instance)  # fills its caches
             modes[mode][library] = best_of(args.repeat, lambda: run(instance))  # noqa: B023
     order = [
