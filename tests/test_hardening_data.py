@@ -378,3 +378,86 @@ def test_random_manifest_and_header_mutations_error_or_keep_meaning(shards, tmp_
     now = json.loads((d / "manifest.json").read_text())
     for key in ("vocab_size", "dtype"):
         assert now.get(key) == original[key]
+
+
+# -- 1: sharding never loses text: a tokenizer that drops it is refused ---------------------------
+
+
+def _with_removed_split(tok: Tokenizer, behavior: str) -> Tokenizer:
+    data = json.loads(tok.to_json())
+    data["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"String": " "}, "behavior": behavior, "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    return Tokenizer.from_json(json.dumps(data))
+
+
+def test_shard_corpus_refuses_a_tokenizer_that_drops_text_before_writing(tok, tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["hello world, this is a test"] * 5)
+    lossy = _with_removed_split(tok, "Removed")
+    assert not lossy.is_lossless
+    out = tmp_path / "out"
+    with pytest.raises(ferrolm.FerrolmError, match=r"drops text .*Removed"):
+        shard_corpus(tmp_path / "d.jsonl", out, lossy, val_fraction=0.0, show_progress=False)
+    assert not out.exists()
+    # The same Split keeping its matches shards, and the shards decode to the corpus.
+    kept = _with_removed_split(tok, "Isolated")
+    manifest = shard_corpus(tmp_path / "d.jsonl", out, kept, val_fraction=0.0, show_progress=False)
+    from safetensors.numpy import load_file
+
+    ids = [int(t) for s in manifest.shards("train") for t in load_file(s.path)["tokens"]]
+    eot = kept.eot_token
+    assert kept.decode([i for i in ids if i != eot]) == "hello world, this is a test" * 5
+
+
+# -- 15: merge cleans what a killed merge left in its output ---------------------------------------
+
+
+def test_merge_removes_stale_temporaries_of_a_killed_merge_only(shards, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    dead = out / ".train-00000.safetensors.tmp-2147483632"  # no such pid
+    dead.write_bytes(b"x" * 1000)
+    mine = out / f".val-00000.safetensors.tmp-{os.getpid()}"  # a live writer's: kept
+    mine.write_bytes(b"y")
+    foreign = out / "notes.tmp-2147483632"  # not our pattern: kept
+    foreign.write_bytes(b"z")
+    merged = merge_shards([shards, shards], out)
+    assert not dead.exists()
+    assert mine.exists() and foreign.exists()
+    assert merged.total_tokens == 2 * Manifest.load(shards).total_tokens
+
+
+# -- 7: vocab_size against the tokenizer the manifest names -------------------------------------
+
+
+@pytest.mark.parametrize("claim", ["huge", "one_less", "one_more"])
+def test_manifest_vocab_size_must_match_its_tokenizer(shards, tmp_path, claim):
+    d = copy_dir(shards, tmp_path / "s")
+    true = Manifest.load(d).vocab_size
+    value = {"huge": 4_000_000_000, "one_less": true - 1, "one_more": true + 1}[claim]
+
+    def change(m):  # type: ignore[no-untyped-def]
+        # uint32 and no eos: the dtype bound and the special-id checks both pass this value.
+        m.update(vocab_size=value, dtype="uint32", eos_id=None)
+
+    rewrite_manifest(d, change)
+    with pytest.raises(
+        ferrolm.FormatError, match=rf"vocab_size: is {value}, but its tokenizer .* has {true} tokens"
+    ):
+        Manifest.load(d)
+    with pytest.raises(ferrolm.FormatError, match=rf"vocab_size: is {value}"):
+        merge_shards([d], tmp_path / "merged")
+
+
+def test_manifest_tokenizer_replaced_is_refused(shards, tmp_path, tok):
+    d = copy_dir(shards, tmp_path / "s")
+    other = _with_removed_split(tok, "Isolated")
+    (d / "tokenizer.json").write_text(other.to_json(), encoding="utf-8")
+    with pytest.raises(
+        ferrolm.FormatError, match=r"tokenizer\.json: sha256 .* does not match tokenizer\.sha256"
+    ):
+        Manifest.load(d)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferrolm._core import CoreShardWriter, FerrolmError
-from ferrolm._files import atomic_write_json, copy_file_atomic
+from ferrolm._files import atomic_write_json, copy_file_atomic, remove_stale_temporaries
 from ferrolm._progress import ProgressLine
 from ferrolm.loader import PackedLoader
 from ferrolm.tokenizer import Tokenizer
@@ -318,6 +318,7 @@ def merge_shards(part_dirs: Sequence[str | os.PathLike[str]], output_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).exists():
         raise FerrolmError(f"{out / MANIFEST} exists: choose an empty directory")
+    remove_stale_temporaries(out)  # what a killed merge left half-copied (only ours: see ferrolm._files)
     copy_file_atomic(parts[0].directory / first["tokenizer"]["file"], out / first["tokenizer"]["file"])
     merged = {k: v for k, v in first.items() if k not in ("splits", "inputs", "skipped")}
     merged["splits"], merged["inputs"] = {}, []

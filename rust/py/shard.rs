@@ -123,14 +123,16 @@ impl CoreShardWriter {
     }
 
     /// Reads and validates `directory/manifest.json` (format, version, vocabulary, ids, file
-    /// names, totals); with `verify_files`, also every shard's size and sha256. Returns its JSON.
+    /// names, totals), its tokenizer (sha256 and vocabulary size against `vocab_size`); with
+    /// `verify_files`, also every shard's size and sha256. Returns its JSON.
     #[staticmethod]
     #[pyo3(signature = (directory, *, verify_files=false))]
     fn read_manifest(py: Python<'_>, directory: PathBuf, verify_files: bool) -> PyResult<String> {
         detached(py, || {
             let manifest = Manifest::read(&directory.join(manifest::MANIFEST))?;
+            // The tokenizer is at hand in the same directory: vocab_size is checked against it.
+            manifest::verify_tokenizer(&directory, &manifest)?;
             if verify_files {
-                manifest::contained_path(&directory, &manifest.tokenizer.file)?;
                 for shard in manifest.splits.values().flat_map(|s| &s.shards) {
                     manifest::verify_shard(&directory, shard)?;
                 }

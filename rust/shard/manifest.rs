@@ -356,6 +356,39 @@ pub fn contained_path(dir: &Path, name: &str) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// Checks the tokenizer file a manifest names against the manifest: it lies inside `dir`, its
+/// sha256 is the recorded one, and its vocabulary size is the manifest's `vocab_size`. The dtype
+/// bound in [`Manifest::validate`] lets a uint32 manifest claim up to 2^32 tokens; only the
+/// tokenizer itself can say that 4e9 (or a too-small value, which would let out-of-range ids
+/// through to the model) is wrong.
+pub fn verify_tokenizer(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = contained_path(dir, &manifest.tokenizer.file)?;
+    let text = files::read_utf8(&path)?;
+    let location = path.display().to_string();
+    let sha = sha256_hex(text.as_bytes());
+    if sha != manifest.tokenizer.sha256 {
+        return Err(Error::format(
+            &location,
+            format!(
+                "sha256 {sha} does not match tokenizer.sha256 {} in the manifest (replaced or corrupted?)",
+                manifest.tokenizer.sha256
+            ),
+        ));
+    }
+    let parts = crate::tokenizer::formats::parse_hf_json(&text, &location)?;
+    let vocab = crate::tokenizer::Tokenizer::new(parts)?.vocab_size() as u64;
+    if vocab != manifest.vocab_size {
+        return Err(Error::format(
+            format!("{}: vocab_size", dir.join(MANIFEST).display()),
+            format!(
+                "is {}, but its tokenizer {location} has {vocab} tokens",
+                manifest.vocab_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a finished shard's size and checksum against its record.
 pub fn verify_shard(dir: &Path, shard: &ShardInfo) -> Result<()> {
     let path = contained_path(dir, &shard.file)?;
@@ -381,4 +414,72 @@ pub fn verify_shard(dir: &Path, shard: &ShardInfo) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::{ShardOptions, ShardWriter};
+    use crate::tokenizer::{formats, Tokenizer};
+    use std::sync::Arc;
+
+    /// A finished one-shard directory written with a 256-byte + 1 special tokenizer.
+    fn shard_dir(name: &str) -> (std::path::PathBuf, Manifest) {
+        let dir = std::env::temp_dir().join(format!("ferrolm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let parts = crate::TokenizerParts {
+            tokens: (0..=255u8).map(|b| (vec![b], b as u32)).collect(),
+            merge_rule: crate::MergeRule::Ranks,
+            specials: vec![("<|endoftext|>".to_string(), 256)],
+            pattern: crate::tokenizer::pretokenize::GPT2_PATTERN.to_string(),
+            split: Default::default(),
+            whole_piece_first: true,
+            add_prefix_space: false,
+        };
+        let tokenizer = Arc::new(Tokenizer::new(parts).unwrap());
+        let json = formats::to_hf_json(&tokenizer).unwrap();
+        let options = ShardOptions {
+            output_dir: dir.clone(),
+            val_fraction: 0.0,
+            shard_tokens: 100,
+            seed: 0,
+            bos: None,
+            eos: Some(256),
+            dtype: crate::shard::safetensors::Dtype::U16,
+            resume: false,
+            num_threads: Some(1),
+        };
+        let mut writer = ShardWriter::create(options, tokenizer, &json).unwrap();
+        writer.add_documents(&["one document", "another"]).unwrap();
+        let manifest = writer.finish(Vec::new()).unwrap();
+        (dir, manifest)
+    }
+
+    #[test]
+    fn vocab_size_is_checked_against_the_tokenizer() {
+        let (dir, manifest) = shard_dir("vocab-check");
+        assert_eq!(manifest.vocab_size, 257);
+        verify_tokenizer(&dir, &manifest).unwrap();
+        // Both a huge claim (valid for uint32 dtype bounds) and a too-small one are refused.
+        for claimed in [4_000_000_000u64, 200, 258] {
+            let mut tampered = manifest.clone();
+            tampered.vocab_size = claimed;
+            tampered.dtype = "uint32".into();
+            tampered.eos_id = None; // else validate() already refuses 256 (eos_id 256 out of range)
+            tampered.validate("manifest.json").unwrap();
+            let err = verify_tokenizer(&dir, &tampered).unwrap_err().to_string();
+            assert!(
+                err.contains("vocab_size")
+                    && err.contains(&format!("is {claimed}"))
+                    && err.contains("257 tokens"),
+                "{err}"
+            );
+        }
+        // A replaced tokenizer file is caught by its sha256 before it is trusted.
+        let mut other = manifest.clone();
+        other.tokenizer.sha256 = "0".repeat(64);
+        let err = verify_tokenizer(&dir, &other).unwrap_err().to_string();
+        assert!(err.contains("does not match tokenizer.sha256"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

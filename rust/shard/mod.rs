@@ -139,6 +139,17 @@ impl ShardWriter {
         tokenizer: Arc<Tokenizer>,
         tokenizer_json: &str,
     ) -> Result<Self> {
+        // Sharding must never lose text: a pre-tokenizer that drops its matches (a Hugging Face
+        // `Split` with behaviour `Removed`) would write shards that decode to less than the corpus.
+        // Refused before anything is written.
+        if !tokenizer.is_lossless() {
+            return Err(Error::invalid(format!(
+                "cannot shard with this tokenizer: its pre-tokenizer drops text (a Split with \
+                 behavior \"Removed\", pattern {}), so the shards would not hold the whole corpus; \
+                 use a tokenizer whose Split keeps its matches (e.g. behavior \"Isolated\")",
+                crate::tokenizer::quote(tokenizer.pretokenizer().pattern())
+            )));
+        }
         if !(0.0..1.0).contains(&options.val_fraction) {
             return Err(Error::invalid(format!(
                 "val_fraction must be in [0, 1), got {}",
@@ -471,5 +482,73 @@ impl ShardWriter {
         manifest.write(&dir.join(manifest::MANIFEST))?;
         let _ = std::fs::remove_file(dir.join(manifest::PROGRESS));
         Ok(manifest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::pretokenize::{SplitBehavior, SplitOptions};
+    use crate::tokenizer::{MergeRule, TokenizerParts};
+
+    fn byte_tokenizer(behavior: SplitBehavior) -> Arc<Tokenizer> {
+        let parts = TokenizerParts {
+            tokens: (0..=255u8).map(|b| (vec![b], b as u32)).collect(),
+            merge_rule: MergeRule::Ranks,
+            specials: vec![("<|endoftext|>".to_string(), 256)],
+            pattern: " ".to_string(),
+            split: SplitOptions {
+                behavior,
+                invert: false,
+                literal: true,
+            },
+            whole_piece_first: true,
+            add_prefix_space: false,
+        };
+        Arc::new(Tokenizer::new(parts).unwrap())
+    }
+
+    fn options(dir: &Path) -> ShardOptions {
+        ShardOptions {
+            output_dir: dir.to_path_buf(),
+            val_fraction: 0.0,
+            shard_tokens: 1000,
+            seed: 0,
+            bos: None,
+            eos: Some(256),
+            dtype: Dtype::U16,
+            resume: false,
+            num_threads: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_that_drops_text_is_refused_before_anything_is_written() {
+        let dir = std::env::temp_dir().join(format!("ferrolm-lossy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lossy = byte_tokenizer(SplitBehavior::Removed);
+        assert!(!lossy.is_lossless());
+        let err = ShardWriter::create(options(&dir), lossy, "{}")
+            .err()
+            .expect("a lossy tokenizer must be refused");
+        let message = err.to_string();
+        assert!(
+            message.contains("drops text") && message.contains("Removed"),
+            "{message}"
+        );
+        assert!(
+            !dir.exists(),
+            "nothing may be written for a refused tokenizer"
+        );
+
+        // The same pattern with a behaviour that keeps the text shards, and round-trips.
+        let kept = byte_tokenizer(SplitBehavior::Isolated);
+        let mut writer = ShardWriter::create(options(&dir), kept.clone(), "{}").unwrap();
+        writer
+            .add_documents(&["hello world, this is a test"])
+            .unwrap();
+        let manifest = writer.finish(Vec::new()).unwrap();
+        assert_eq!(manifest.total_tokens, 27 + 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
