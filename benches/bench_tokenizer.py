@@ -36,6 +36,7 @@ MB/s (UTF-8 bytes); ratios are ferrolm / peer (above 1: ferrolm is faster). Best
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import importlib.metadata
 import os
@@ -50,7 +51,6 @@ from pathlib import Path
 
 import gigatoken
 import tiktoken
-import tiktoken.load
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -153,7 +153,12 @@ class Peers:
 
     def __init__(self, name: str, rank_file: Path, pattern: str) -> None:
         self.name, self.rank_file, self.pattern = name, rank_file, pattern
-        self.ranks = tiktoken.load.load_tiktoken_bpe(str(rank_file))
+        # Read here, not with tiktoken.load.load_tiktoken_bpe: that caches files by path (in
+        # $TMPDIR/data-gym-cache) and would hand back a retrained file's previous ranks.
+        lines = rank_file.read_bytes().splitlines()
+        self.ranks = {
+            base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)
+        }
         self.ferrolm_pattern = self.ferrolm().pattern
 
     def ferrolm(self) -> Tokenizer:
@@ -176,7 +181,7 @@ class Peers:
             hf.decoder = decoders.ByteLevel()
             return hf
         path = CACHE / f"{self.rank_file.stem}.json"
-        if not path.exists():
+        if not path.exists() or path.stat().st_mtime < self.rank_file.stat().st_mtime:
             self.ferrolm().save(path)
         return tokenizers.Tokenizer.from_file(str(path))
 
