@@ -21,7 +21,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
@@ -565,9 +565,13 @@ def test_text_and_label_columns_must_differ_and_headers_be_unique(tmp_path) -> N
 )
 def test_parameter_count_is_exactly_what_the_model_holds(preset, n_layer, vocab, tie, causal, mlp) -> None:  # type: ignore[no-untyped-def]
     overrides = dict(n_layer=n_layer, vocab_size=vocab, tie_embeddings=tie, causal=causal, mlp_hidden=mlp)
-    config = GPTConfig.preset(
-        preset, **{**overrides, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "block_size": 64}
-    )
+    try:
+        config = GPTConfig.preset(
+            preset, **{**overrides, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "block_size": 64}
+        )
+    except FerrolmError:  # a combination the architecture refuses (a causal RoBERTa, ...)
+        assume(False)
+    # Counted on the meta device from 1 and 2 layers: must equal the real model of any depth.
     assert parameter_count(config) == GPT(config).num_params(non_embedding=False)
 
 
@@ -584,7 +588,10 @@ def test_an_impossible_model_is_refused_with_the_figure_before_allocating(shards
     manifest = json.loads((s32 / "manifest.json").read_text())
     manifest["vocab_size"] = 4_000_000_000
     (s32 / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FerrolmError, match=r"vocab_size=4000000000\).* need at least 4,096.0 GB"):
+    # The manifest is checked against its tokenizer first (ferrolm.data): refused before any model.
+    with pytest.raises(
+        FerrolmError, match=r"manifest.json: vocab_size: is 4000000000, but its tokenizer .* has \d+ tokens"
+    ):
         pretrain(TrainConfig(data=str(s32), out=str(tmp_path / "r32"), max_steps=1, **SMALL))
     # A vocabulary of 10**12 tokens reaching the model: 64 trillion parameters of embeddings.
     with pytest.raises(FerrolmError, match=r"vocab_size=1000000000000\).* GB, more than"):

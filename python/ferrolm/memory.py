@@ -34,19 +34,23 @@ BYTES_PER_PARAMETER = {"weights": 4, "training": 16}
 
 
 def parameter_count(config: GPTConfig) -> int:
-    """The number of parameters ``GPT(config)`` holds (a tied LM head once), from the config alone."""
-    C, M = config.n_embd, config.mlp_hidden or 4 * config.n_embd
-    H, H_kv = config.n_head, config.n_kv_head or config.n_head
-    D = C // H
-    gpt2 = config.arch == "gpt2"  # biases and LayerNorm (weight + bias); llama: RMSNorm, no biases
-    norm = 2 * C if gpt2 else C
-    qkv = (H + 2 * H_kv) * D
-    attention = C * qkv + C * C + ((qkv + C) if gpt2 else 0)
-    mlp = (C * M + M * C + M + C) if gpt2 else 3 * C * M
-    block = 2 * norm + attention + mlp
-    embeddings = config.padded_vocab_size * C + (config.block_size * C if gpt2 else 0)
-    head = 0 if config.tie_embeddings else config.padded_vocab_size * C
-    return embeddings + config.n_layer * block + norm + head
+    """The number of parameters ``GPT(config)`` holds (a tied LM head once), without allocating it.
+
+    The architecture specs decide what a model holds, so the count asks the model itself: it builds a
+    1-layer and a 2-layer copy on PyTorch's "meta" device (shapes, no storage) and extrapolates, the
+    blocks being identical: exact for every architecture, and fast for any depth or vocabulary."""
+    import dataclasses
+
+    import torch
+
+    from ferrolm.model import GPT
+
+    def count(n_layer: int) -> int:
+        with torch.device("meta"):
+            return GPT(dataclasses.replace(config, n_layer=n_layer)).num_params(non_embedding=False)
+
+    one, two = count(1), count(2)
+    return one + (config.n_layer - 1) * (two - one)
 
 
 def device_memory(device: torch.device | str) -> tuple[int, str]:
