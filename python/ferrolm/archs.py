@@ -10,7 +10,7 @@ This module imports nothing heavy: ``GPTConfig`` validates against it without to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["ARCHS", "ArchSpec"]
 
@@ -40,12 +40,30 @@ class ArchSpec:
     hf_model_type: str = ""  # the Hugging Face config.json model_type (ferrolm.hf's adapter key)
 
     def default_mlp_hidden(self, n_embd: int) -> int:
-        if self.mlp in (
-            "swiglu",
-            "geglu",
-        ):  # a gated MLP has 3 matrices: 2/3 of 4*C keeps the parameter count
+        # A gated MLP has 3 matrices: 2/3 of 4*C keeps the parameter count.
+        if self.mlp in ("swiglu", "geglu"):
             return 64 * math.ceil(8 * n_embd / 3 / 64)
         return 4 * n_embd
+
+
+# RoBERTa (Liu et al. 2019), BERT's layout: post-norm LayerNorm, an embedding LayerNorm, learned
+# positions (Hugging Face's start after the padding id, see ferrolm.hf.roberta), a token-type
+# embedding, exact GELU, biases, the dense+GELU+LayerNorm MLM head; classification on <s>.
+_ROBERTA = ArchSpec(
+    norm="layernorm",
+    norm_placement="post",
+    mlp="gelu",
+    positions="learned",
+    bias=True,
+    embedding_norm=True,
+    token_type=True,
+    mlm_head=True,
+    encoder_only=True,
+    pooling="first",
+    classifier="dense_tanh",
+    frame_tokens=("<s>", "</s>", "<pad>"),
+    hf_model_type="roberta",
+)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -67,38 +85,11 @@ ARCHS: dict[str, ArchSpec] = {
         bias=False,
         hf_model_type="llama",
     ),
-    # RoBERTa (Liu et al. 2019), BERT's layout: post-norm LayerNorm, an embedding LayerNorm, learned
-    # positions (Hugging Face's start after the padding id, see ferrolm.hf.roberta), a token-type
-    # embedding, exact GELU, biases, the dense+GELU+LayerNorm MLM head; classification on <s>.
-    "roberta": ArchSpec(
-        norm="layernorm",
-        norm_placement="post",
-        mlp="gelu",
-        positions="learned",
-        bias=True,
-        embedding_norm=True,
-        token_type=True,
-        mlm_head=True,
-        encoder_only=True,
-        pooling="first",
-        classifier="dense_tanh",
-        frame_tokens=("<s>", "</s>", "<pad>"),
-        hf_model_type="roberta",
-    ),
+    "roberta": _ROBERTA,
     # BERT (Devlin et al. 2019): RoBERTa's network (RoBERTa changed training, not layers), positions
     # from 0, BERT's special tokens; classification on [CLS] through the pooler (dense + tanh).
-    "bert": ArchSpec(
-        norm="layernorm",
-        norm_placement="post",
-        mlp="gelu",
-        positions="learned",
-        bias=True,
-        embedding_norm=True,
-        token_type=True,
-        mlm_head=True,
-        encoder_only=True,
-        pooling="first",
-        classifier="dense_tanh",
+    "bert": replace(
+        _ROBERTA,
         frame_tokens=("[CLS]", "[SEP]", "[PAD]"),
         mask_token="[MASK]",
         pad_token="[PAD]",
