@@ -12,7 +12,7 @@ How a training loop uses it (``ferrolm.train.pretrain`` is the worked example; a
 the same functions in the same order)::
 
     ctx = distributed.init(parallel, device)           # before: validate the config (no collective yet)
-    try:
+    with ctx:
         state = ctx.on_main(read_checkpoint, share=True)   # rank 0 reads files; all get it or its error
         model = build(); ctx.on_main(load_weights, model)  # rank 0 loads the weights ...
         model.to(ctx.device); ctx.broadcast_module(model)  # ... every rank receives them
@@ -27,8 +27,7 @@ the same functions in the same order)::
                     (summed_loss(batch) * ctx.world_size / n).backward()
             model_sd, optim_sd = ctx.full_state(model, optimizer)    # full tensors on rank 0
             ctx.on_main(write_checkpoint, model_sd, optim_sd)
-    finally:
-        ctx.close()
+    # leaving the `with`: the ranks meet, then leave the group (no meeting after an error)
 
 Gradient equivalence: DDP and FSDP average gradients over ranks, so a loss scaled by
 ``world_size / global_targets`` gives the gradient of the global batch's summed loss divided by its
@@ -65,6 +64,7 @@ import this module (it imports torch).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -157,16 +157,27 @@ class Context:
         """A process group is in use (ddp or fsdp, even with one process)."""
         return self.parallel != "none"
 
-    def close(self) -> None:
-        """Leave the process group if ``init`` created it (a caller's own group is left alone)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group if ``init`` created it (a caller's own group is left alone).
+
+        ``finished``: every rank got here the same way (the job ended normally). Then the ranks
+        first wait for each other and drop what is left of their collectives while the interpreter
+        is still whole: a rank that tears its group down while its peer still talks to it, or that
+        leaves gloo's threads holding tensors until interpreter shutdown, can be aborted by C++
+        ("terminate called without an active exception", seen under load). After an error no
+        rank waits: the others may be anywhere, and a barrier there could hang."""
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        if finished and self.world_size > 1:
+            gc.collect()
+            dist.barrier()
+        dist.destroy_process_group()
 
     def __enter__(self) -> Context:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self.close(finished=kind is None)
 
     # -- the model ---------------------------------------------------------------------------------
 

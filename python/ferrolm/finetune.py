@@ -651,10 +651,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         )
     device = resolve_device(config.device)
     ctx = distributed.init(config.parallel, device)
-    try:
+    with ctx:  # on leaving, the ranks meet and leave the group (see Context.close)
         return _finetune(config, ctx)
-    finally:
-        ctx.close()
 
 
 def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any]:

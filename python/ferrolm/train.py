@@ -304,10 +304,8 @@ def pretrain(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     grad_accum, global_batch = config.batch_layout(world_size)
     device = resolve_device(config.device)
     ctx = distributed.init(config.parallel, device, reduce_dtype=config.reduce_dtype)
-    try:
+    with ctx:  # on leaving, the ranks meet and leave the group (see Context.close)
         return _train(config, ctx, grad_accum, global_batch, resume)
-    finally:
-        ctx.close()
 
 
 def _train(
