@@ -71,7 +71,7 @@ pub fn write(
         offset += len;
     }
     let mut header = serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and ints");
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     out.write_all(&(header.len() as u64).to_le_bytes())?;

@@ -77,6 +77,26 @@ impl ShortKey {
         })
     }
 
+    /// [`ShortKey::pack`] of `text[start..start + len]` without branches on `len` (a piece's
+    /// length is what the branch predictor cannot guess), reading 16 bytes from `start` when the
+    /// text has them. A length outside 1..=[`SHORT_MAX`] gives an unspecified key: callers
+    /// check the length themselves.
+    #[inline(always)]
+    fn pack_at(text: &[u8], start: usize, len: usize) -> ShortKey {
+        let Some(window) = text.get(start..start + 16) else {
+            return ShortKey::pack(&text[start..(start + len).min(text.len())]).unwrap_or_default();
+        };
+        let lo = u64::from_le_bytes(window[..8].try_into().expect("8 bytes"));
+        let hi = u32::from_le_bytes(window[8..12].try_into().expect("4 bytes"));
+        let n = len.clamp(1, SHORT_MAX);
+        let lo_mask = u64::MAX >> ((8 - n.min(8)) * 8);
+        let hi_mask = ((1u64 << ((n.max(8) - 8) * 8)) - 1) as u32;
+        ShortKey {
+            lo: lo & lo_mask,
+            hi: (hi & hi_mask) | (n as u32) << 24,
+        }
+    }
+
     #[inline]
     fn is_empty(self) -> bool {
         self.lo == 0 && self.hi == 0
@@ -269,10 +289,63 @@ impl PairTable {
 /// holds the exact output of the merge loop for the exact piece, so it never changes ids.
 struct WordCache {
     encoder: u64,
+    /// Pieces of at most [`SHORT_MAX`] bytes that are one token, whether the whole-piece table
+    /// said so or the merge loop did: the hot part of the text's vocabulary in a table small
+    /// enough to stay in the core's own cache (see [`FrontSet`]).
+    front: Box<[FrontSet]>,
+    /// Pieces of at most [`SHORT_MAX`] bytes that merge into two to [`CACHE_IDS`] tokens.
     slots: Box<[CacheSlot]>,
     /// The same for pieces longer than [`SHORT_MAX`] (runs of CJK letters, long identifiers):
     /// their bytes are stored and compared in full. Allocated on the first long piece.
     long: Box<[LongSlot]>,
+}
+
+/// Sets of each thread's front cache: 4,096 x 64 bytes = 256 KiB, a quarter of a typical L2.
+const FRONT_SETS: usize = 1 << 12;
+const FRONT_WAYS: usize = 4;
+
+/// One set of the front cache: four (piece, id) slots in one cache line, most recently inserted
+/// first. Text is Zipf-distributed: a few thousand pieces make up most of it, and kept together
+/// they hit in the core's cache, where the whole-piece table (megabytes, one piece per line
+/// touched) misses. An empty slot is all zeros, which no key is.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct FrontSet {
+    slots: [Slot; FRONT_WAYS],
+}
+
+impl FrontSet {
+    #[inline(always)]
+    fn get(&self, key: ShortKey) -> Option<u32> {
+        self.slots.iter().find(|s| s.key() == key).map(|s| s.id)
+    }
+
+    /// [`FrontSet::get`] without a branch on which slot matched (NONE: none). An empty key
+    /// matches an empty slot: callers must not use the result for one.
+    #[inline(always)]
+    fn get_id(&self, key: ShortKey) -> u32 {
+        // Which slot holds a piece is as unpredictable as the text: conditional moves, not
+        // branches (the compiler turns plain selects and even masks into branches).
+        let mut id = NONE;
+        for slot in &self.slots {
+            let hit = (slot.lo == key.lo) & (slot.hi == key.hi);
+            id = std::hint::select_unpredictable(hit, slot.id, id);
+        }
+        id
+    }
+
+    /// Remembers `key -> id`, forgetting the set's oldest entry.
+    #[inline]
+    fn insert(&mut self, key: ShortKey, id: u32) {
+        if self.get(key).is_none() {
+            self.slots.copy_within(0..FRONT_WAYS - 1, 1);
+            self.slots[0] = Slot {
+                lo: key.lo,
+                hi: key.hi,
+                id,
+            };
+        }
+    }
 }
 
 /// Slots of the long-piece cache, and the longest piece (bytes) and result (ids) a slot holds.
@@ -344,6 +417,13 @@ impl WordCache {
     #[inline]
     fn index(key: ShortKey) -> usize {
         (key.hash() >> (64 - CACHE_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// The front set of `key`: other hash bits than [`WordCache::index`]'s, so pieces that share
+    /// a slot there are spread over the sets here.
+    #[inline]
+    fn front_index(key: ShortKey) -> usize {
+        (key.hash() as usize) & (FRONT_SETS - 1)
     }
 
     /// `bpe`'s ids for `piece` (whose key is `key`, slot `index`), from the cache or from the
@@ -527,60 +607,79 @@ impl BytePairEncoder {
         })
     }
 
-    /// Appends the ids of each piece to `out`, in order: for each, what [`Self::encode_piece`]
-    /// appends. At most [`BATCH`] pieces. First every table slot is computed and prefetched, then
-    /// the slots are read: the misses of a whole batch overlap.
+    /// Appends the ids of each piece of `text` to `out`, in order: for each, what
+    /// [`Self::encode_piece`] appends. A piece is `(start, length)` in bytes; at most [`BATCH`].
+    ///
+    /// The loop is shaped by what it costs, measured: unpredictable branches (a piece's length
+    /// decides how its key is packed and where it is looked up) and cache misses. So each table
+    /// is probed for the whole batch at once, every slot computed and prefetched first and read
+    /// after, so the misses of a batch overlap; keys are packed and the front cache probed without
+    /// branches that depend on the piece; only a front-cache miss takes a branch, to the
+    /// whole-piece table, then the word cache and the merge loop.
     #[inline]
-    pub fn encode_pieces(&self, pieces: &[&[u8]], out: &mut Vec<u32>) {
-        assert!(pieces.len() <= BATCH, "at most BATCH pieces");
+    pub fn encode_spans(&self, text: &[u8], spans: &[(usize, usize)], out: &mut Vec<u32>) {
+        assert!(spans.len() <= BATCH, "at most BATCH pieces");
+        self.with_word_cache(|cache| match cache {
+            Some(cache) => self.encode_spans_cached(cache, text, spans, out),
+            None => spans
+                .iter()
+                .for_each(|&(start, len)| self.encode_piece(&text[start..start + len], out)),
+        })
+    }
+
+    #[inline(always)]
+    fn encode_spans_cached(
+        &self,
+        cache: &mut WordCache,
+        text: &[u8],
+        spans: &[(usize, usize)],
+        out: &mut Vec<u32>,
+    ) {
         let mut keys = [ShortKey::default(); BATCH];
+        // The front set of each piece, then, after a front miss, its whole-table slot.
         let mut homes = [0usize; BATCH];
-        for (i, piece) in pieces.iter().enumerate() {
-            if piece.len() >= 2 {
-                if let Some(key) = ShortKey::pack(piece) {
-                    keys[i] = key;
-                    homes[i] = self.whole_short.home(key);
-                    prefetch(&self.whole_short.slots[homes[i]]);
-                }
+        for (i, &(start, len)) in spans.iter().enumerate() {
+            keys[i] = ShortKey::pack_at(text, start, len);
+            homes[i] = WordCache::front_index(keys[i]);
+            prefetch(&cache.front[homes[i]]);
+        }
+        // The id of each piece that is one byte or a front-cache hit (NONE: look further).
+        let mut found = [NONE; BATCH];
+        for (i, &(start, len)) in spans.iter().enumerate() {
+            let byte = text.get(start).map_or(NONE, |&b| self.byte_ids[b as usize]);
+            let front = cache.front[homes[i]].get_id(keys[i]);
+            let short = len.wrapping_sub(2) < SHORT_MAX - 1;
+            let one = ((len == 1) as u32).wrapping_neg();
+            let front = front | !((short as u32).wrapping_neg()); // NONE unless short
+            found[i] = (byte & one) | (front & !one);
+            if found[i] == NONE && short {
+                homes[i] = self.whole_short.home(keys[i]);
+                prefetch(&self.whole_short.slots[homes[i]]);
+                prefetch(&cache.slots[WordCache::index(keys[i])]);
             }
         }
-        // The id of each piece that is one token (NONE: it needs the cache or the merge loop).
-        let mut whole = [NONE; BATCH];
-        self.with_word_cache(|mut cache| {
-            for (i, piece) in pieces.iter().enumerate() {
-                whole[i] = match piece.len() {
-                    0 => continue,
-                    1 => self.byte_ids[piece[0] as usize],
-                    _ if !keys[i].is_empty() => {
-                        match self.whole_short.get_from(keys[i], homes[i]) {
-                            Some(id) => id,
-                            None => {
-                                homes[i] = WordCache::index(keys[i]);
-                                if let Some(cache) = &cache {
-                                    prefetch(&cache.slots[homes[i]]);
-                                }
-                                NONE
-                            }
-                        }
-                    }
-                    _ => self.whole_long.get(*piece).copied().unwrap_or(NONE),
-                };
+        out.reserve(spans.len());
+        for (i, &(start, len)) in spans.iter().enumerate() {
+            if found[i] != NONE {
+                out.push(found[i]);
+                continue;
             }
-            for (i, piece) in pieces.iter().enumerate() {
-                if whole[i] != NONE {
-                    out.push(whole[i]);
-                } else if piece.is_empty() {
-                } else if let Some(cache) = cache.as_deref_mut() {
-                    if keys[i].is_empty() {
-                        cache.merge_long(self, piece, out);
-                    } else {
-                        cache.merge(self, keys[i], homes[i], piece, out);
-                    }
-                } else {
-                    self.merge(piece, out);
+            if len == 0 {
+                continue;
+            }
+            let piece = &text[start..start + len];
+            if len > SHORT_MAX {
+                match self.whole_long.get(piece) {
+                    Some(&id) => out.push(id),
+                    None => cache.merge_long(self, piece, out),
                 }
+            } else if let Some(id) = self.whole_short.get_from(keys[i], homes[i]) {
+                cache.front[WordCache::front_index(keys[i])].insert(keys[i], id);
+                out.push(id);
+            } else {
+                cache.merge(self, keys[i], WordCache::index(keys[i]), piece, out);
             }
-        });
+        }
     }
 
     /// Runs `f` with this thread's word cache for this encoder (made if needed), or with None
@@ -601,6 +700,7 @@ impl BytePairEncoder {
                         0,
                         WordCache {
                             encoder: self.uid,
+                            front: vec![FrontSet::default(); FRONT_SETS].into_boxed_slice(),
                             slots: vec![CacheSlot::default(); CACHE_SLOTS].into_boxed_slice(),
                             long: Box::default(),
                         },
@@ -625,23 +725,33 @@ impl BytePairEncoder {
         }
     }
 
-    /// Repeatedly merges the leftmost lowest-priority pair by scanning: O(n^2), fast for short
-    /// pieces. `piece` is shorter than [`HEAP_THRESHOLD`]: the parts live on the stack.
+    /// Repeatedly merges the leftmost lowest-priority pair. `piece` is shorter than [`HEAP_THRESHOLD`]: the parts live on the stack.
+    ///
+    /// Parts stay where they started (a merged part takes its left half's place, its right half
+    /// is unlinked and its pair marked empty), so a merge moves nothing. The lowest pair comes
+    /// from a tournament tree of (priority, position) keys, kept with branch-free minimums
+    /// (which pair wins is what a branch predictor cannot guess): a merge updates three leaves,
+    /// O(log n) each, instead of rescanning every pair.
     fn merge_by_scan(&self, piece: &[u8], out: &mut Vec<u32>) {
         debug_assert!(piece.len() < HEAP_THRESHOLD);
-        if piece.is_empty() {
+        let n = piece.len();
+        if n == 0 {
             return;
         }
-        // ids[i] is part i; pairs[i] is the merge of part i with part i + 1 (priority NONE: none).
         let no_merge = Merge {
             priority: NONE,
             merged: NONE,
         };
+        // ids[i]: the part starting at byte i; next[i]: the byte where the part after it starts
+        // (n: none); pairs[i]: the merge of part i with part next[i] (priority NONE: none).
         let mut ids = [0u32; HEAP_THRESHOLD];
+        let mut next = [0u8; HEAP_THRESHOLD];
+        let mut prev = [0u8; HEAP_THRESHOLD];
         let mut pairs = [no_merge; HEAP_THRESHOLD];
-        let mut n = piece.len();
-        for (id, &b) in ids.iter_mut().zip(piece) {
-            *id = self.byte_ids[b as usize];
+        for (i, &b) in piece.iter().enumerate() {
+            ids[i] = self.byte_ids[b as usize];
+            next[i] = (i + 1) as u8;
+            prev[i] = i.wrapping_sub(1) as u8;
         }
         // Every pair's slot first (prefetched), then the merges: the cache misses overlap.
         let mut homes = [0usize; HEAP_THRESHOLD];
@@ -652,36 +762,67 @@ impl BytePairEncoder {
             let key = pair_key(ids[i], ids[i + 1]);
             pairs[i] = self.merges.get_from(key, homes[i]).unwrap_or(no_merge);
         }
-        loop {
-            // The leftmost lowest priority (tiktoken's tie rule).
-            let mut best = NONE;
-            let mut at = 0;
-            for (i, pair) in pairs[..n - 1].iter().enumerate() {
-                if pair.priority < best {
-                    best = pair.priority;
-                    at = i;
-                }
+        // Leaves at width..2 width hold each pair's key, node k the least of nodes 2k and 2k + 1:
+        // the root is the leftmost lowest priority (tiktoken's tie rule).
+        let key = |i: usize, pair: Merge| (pair.priority as u64) << 32 | i as u64;
+        let width = (n - 1).max(1).next_power_of_two();
+        let mut tree = [u64::MAX; 2 * HEAP_THRESHOLD];
+        for i in 0..n - 1 {
+            tree[width + i] = key(i, pairs[i]);
+        }
+        for k in (1..width).rev() {
+            tree[k] = tree[2 * k].min(tree[2 * k + 1]);
+        }
+        let set = |tree: &mut [u64; 2 * HEAP_THRESHOLD], i: usize, value: u64| {
+            let mut k = width + i;
+            tree[k] = value;
+            while k > 1 {
+                k /= 2;
+                tree[k] = tree[2 * k].min(tree[2 * k + 1]);
             }
-            if best == NONE {
+        };
+        loop {
+            let best = tree[1];
+            if (best >> 32) as u32 == NONE {
                 break;
             }
+            let at = best as u32 as usize;
+            let right = next[at] as usize;
             ids[at] = pairs[at].merged;
-            ids.copy_within(at + 2..n, at + 1);
-            pairs.copy_within(at + 1..n - 1, at);
-            n -= 1;
-            // The two new pairs around the merged part: both slots in flight, then both read.
-            let right = (at + 1 < n).then(|| self.merges.prefetch(pair_key(ids[at], ids[at + 1])));
-            let left = (at > 0).then(|| self.merges.prefetch(pair_key(ids[at - 1], ids[at])));
-            if let Some(home) = right {
-                let key = pair_key(ids[at], ids[at + 1]);
-                pairs[at] = self.merges.get_from(key, home).unwrap_or(no_merge);
+            if right < n - 1 {
+                pairs[right] = no_merge;
+                set(&mut tree, right, u64::MAX);
             }
-            if let Some(home) = left {
-                let key = pair_key(ids[at - 1], ids[at]);
-                pairs[at - 1] = self.merges.get_from(key, home).unwrap_or(no_merge);
+            let after = next[right] as usize;
+            next[at] = after as u8;
+            if after < n {
+                prev[after] = at as u8;
+            }
+            // The two new pairs around the merged part: both slots in flight, then both read.
+            let before = prev[at] as usize; // wraps to 255 >= n for the first part
+            let right_home =
+                (after < n).then(|| self.merges.prefetch(pair_key(ids[at], ids[after])));
+            let left_home =
+                (before < n).then(|| self.merges.prefetch(pair_key(ids[before], ids[at])));
+            pairs[at] = match right_home {
+                Some(home) => self
+                    .merges
+                    .get_from(pair_key(ids[at], ids[after]), home)
+                    .unwrap_or(no_merge),
+                None => no_merge,
+            };
+            set(&mut tree, at, key(at, pairs[at]));
+            if let Some(home) = left_home {
+                let pair = pair_key(ids[before], ids[at]);
+                pairs[before] = self.merges.get_from(pair, home).unwrap_or(no_merge);
+                set(&mut tree, before, key(before, pairs[before]));
             }
         }
-        out.extend_from_slice(&ids[..n]);
+        let mut i = 0;
+        while i < n {
+            out.push(ids[i]);
+            i = next[i] as usize;
+        }
     }
 
     /// The same rule with a min-heap of (priority, position) and lazy deletion: O(n log n).
@@ -912,8 +1053,17 @@ mod tests {
                             bpe.merge(piece, &mut expected);
                         }
                     }
+                    // One text holding the batch's pieces in turn (the last ones near its
+                    // end, where fewer than 16 bytes follow them).
+                    let text: Vec<u8> = batch.concat();
+                    let mut spans = vec![];
+                    let mut start = 0;
+                    for piece in &batch {
+                        spans.push((start, piece.len()));
+                        start += piece.len();
+                    }
                     let mut got = vec![];
-                    bpe.encode_pieces(&batch, &mut got);
+                    bpe.encode_spans(&text, &spans, &mut got);
                     assert_eq!(got, expected, "round {round}: {batch:?}");
                 }
             }
@@ -972,6 +1122,19 @@ mod tests {
             }
         }
         assert_eq!(table.get(ShortKey::pack(b"zzz").unwrap()), None);
+    }
+
+    #[test]
+    fn keys_packed_in_place_equal_packed_keys() {
+        // Every short piece at every offset of a text with arbitrary bytes around it, including
+        // the last 16 bytes (where the window does not fit and the plain packing is used).
+        let text: Vec<u8> = (0..64u32).map(|i| (i * 37 % 256) as u8).collect();
+        for start in 0..text.len() {
+            for len in 1..=SHORT_MAX.min(text.len() - start) {
+                let want = ShortKey::pack(&text[start..start + len]).unwrap();
+                assert_eq!(ShortKey::pack_at(&text, start, len), want, "{start} {len}");
+            }
+        }
     }
 
     #[test]

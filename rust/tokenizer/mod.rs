@@ -282,20 +282,21 @@ impl Tokenizer {
     }
 
     /// Splits `text` and encodes its pieces [`encode::BATCH`] at a time (see
-    /// [`BytePairEncoder::encode_pieces`]).
+    /// [`BytePairEncoder::encode_spans`]).
     #[inline]
     fn encode_pieces_of(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
-        let mut batch: [&[u8]; encode::BATCH] = [&[]; encode::BATCH];
+        let mut batch = [(0usize, 0usize); encode::BATCH];
         let mut n = 0;
+        let base = text.as_ptr() as usize;
         self.pretokenizer.split(text, |piece| {
-            batch[n] = piece.as_bytes();
+            batch[n] = (piece.as_ptr() as usize - base, piece.len());
             n += 1;
             if n == encode::BATCH {
-                self.bpe.encode_pieces(&batch, out);
+                self.bpe.encode_spans(text.as_bytes(), &batch, out);
                 n = 0;
             }
         })?;
-        self.bpe.encode_pieces(&batch[..n], out);
+        self.bpe.encode_spans(text.as_bytes(), &batch[..n], out);
         Ok(())
     }
 
