@@ -296,8 +296,8 @@ struct WordCache {
     /// Pieces of at most [`SHORT_MAX`] bytes that merge into two to [`CACHE_IDS`] tokens.
     slots: Box<[CacheSlot]>,
     /// The same for pieces longer than [`SHORT_MAX`] (runs of CJK letters, long identifiers):
-    /// their bytes are stored and compared in full. Allocated on the first long piece.
-    long: Box<[LongSlot]>,
+    /// their bytes are stored and compared in full. Made on the first long piece.
+    long: Option<Box<LongCache>>,
 }
 
 /// Sets of each thread's front cache: 4,096 x 64 bytes = 256 KiB, a quarter of a typical L2.
@@ -348,29 +348,80 @@ impl FrontSet {
     }
 }
 
-/// Slots of the long-piece cache, and the longest piece (bytes) and result (ids) a slot holds.
-const LONG_SLOTS: usize = 1 << 13;
-const LONG_MAX: usize = 64;
-const LONG_IDS: usize = 24;
+/// The long-piece cache: its arena (bytes), its index (entries) and the longest piece it keeps.
+const LONG_ARENA: usize = 1 << 22;
+const LONG_INDEX: usize = 1 << 15;
+const LONG_MAX: usize = 1024;
 
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct LongSlot {
-    /// Piece length in bytes; 0 marks an empty slot.
-    len: u32,
-    n_ids: u32,
-    bytes: [u8; LONG_MAX],
-    ids: [u32; LONG_IDS],
+/// One thread's memory of pieces longer than [`SHORT_MAX`] bytes (runs of CJK letters, long
+/// identifiers, whitespace): what varies is their length, so the results live in a ring arena,
+/// each record `[piece length u32][id count u32][piece bytes][ids]`, written one after another and
+/// overwritten oldest first; a direct-mapped index gives each piece's hash its latest record. A
+/// record is read only if it is still whole (the ring has not come round to it) and its bytes are
+/// the piece's: memory is fixed (4 MiB + 512 KiB, allocated on the first long piece) and a result
+/// is always the merge loop's own.
+struct LongCache {
+    arena: Vec<u8>,
+    /// (hash, absolute position of the record in the ring); position u64::MAX: empty.
+    index: Vec<(u64, u64)>,
+    /// Bytes written since the start: the next record goes to `written % LONG_ARENA`.
+    written: u64,
 }
 
-impl Default for LongSlot {
-    fn default() -> Self {
-        LongSlot {
-            len: 0,
-            n_ids: 0,
-            bytes: [0; LONG_MAX],
-            ids: [0; LONG_IDS],
+impl LongCache {
+    fn new() -> LongCache {
+        LongCache {
+            arena: vec![0; LONG_ARENA],
+            index: vec![(0, u64::MAX); LONG_INDEX],
+            written: 0,
         }
+    }
+
+    #[inline]
+    fn slot(hash: u64) -> usize {
+        (hash >> (64 - LONG_INDEX.trailing_zeros())) as usize
+    }
+
+    /// Appends the cached ids of `piece` to `out`; false if they are not cached.
+    #[inline]
+    fn get(&self, hash: u64, piece: &[u8], out: &mut Vec<u32>) -> bool {
+        let (h, pos) = self.index[Self::slot(hash)];
+        if h != hash || pos == u64::MAX || pos + (LONG_ARENA as u64) < self.written {
+            return false;
+        }
+        let at = (pos % LONG_ARENA as u64) as usize;
+        let word = |i: usize| {
+            u32::from_le_bytes(self.arena[at + i..at + i + 4].try_into().expect("4 bytes")) as usize
+        };
+        let (len, n) = (word(0), word(4));
+        if len != piece.len() || &self.arena[at + 8..at + 8 + len] != piece {
+            return false;
+        }
+        let ids = &self.arena[at + 8 + len..at + 8 + len + 4 * n];
+        out.extend(
+            ids.chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))),
+        );
+        true
+    }
+
+    fn put(&mut self, hash: u64, piece: &[u8], ids: &[u32]) {
+        let size = 8 + piece.len() + 4 * ids.len();
+        let mut at = (self.written % LONG_ARENA as u64) as usize;
+        if at + size > LONG_ARENA {
+            // A record never wraps: the rest of the ring is skipped (and counts as written).
+            self.written += (LONG_ARENA - at) as u64;
+            at = 0;
+        }
+        let record = &mut self.arena[at..at + size];
+        record[..4].copy_from_slice(&(piece.len() as u32).to_le_bytes());
+        record[4..8].copy_from_slice(&(ids.len() as u32).to_le_bytes());
+        record[8..8 + piece.len()].copy_from_slice(piece);
+        for (dst, id) in record[8 + piece.len()..].chunks_exact_mut(4).zip(ids) {
+            dst.copy_from_slice(&id.to_le_bytes());
+        }
+        self.index[Self::slot(hash)] = (hash, self.written);
+        self.written += size as u64;
     }
 }
 
@@ -394,24 +445,14 @@ impl WordCache {
         if piece.len() > LONG_MAX {
             return bpe.merge(piece, out);
         }
-        if self.long.is_empty() {
-            self.long = vec![LongSlot::default(); LONG_SLOTS].into_boxed_slice();
-        }
-        let index = (long_hash(piece) >> (64 - LONG_SLOTS.trailing_zeros())) as usize;
-        let slot = &mut self.long[index];
-        if slot.len as usize == piece.len() && &slot.bytes[..piece.len()] == piece {
-            out.extend_from_slice(&slot.ids[..slot.n_ids as usize]);
+        let long = self.long.get_or_insert_with(|| Box::new(LongCache::new()));
+        let hash = long_hash(piece);
+        if long.get(hash, piece, out) {
             return;
         }
         let start = out.len();
         bpe.merge(piece, out);
-        let ids = &out[start..];
-        if ids.len() <= LONG_IDS {
-            slot.len = piece.len() as u32;
-            slot.n_ids = ids.len() as u32;
-            slot.bytes[..piece.len()].copy_from_slice(piece);
-            slot.ids[..ids.len()].copy_from_slice(ids);
-        }
+        long.put(hash, piece, &out[start..]);
     }
 
     #[inline]
@@ -702,7 +743,7 @@ impl BytePairEncoder {
                             encoder: self.uid,
                             front: vec![FrontSet::default(); FRONT_SETS].into_boxed_slice(),
                             slots: vec![CacheSlot::default(); CACHE_SLOTS].into_boxed_slice(),
-                            long: Box::default(),
+                            long: None,
                         },
                     );
                 }
@@ -1024,11 +1065,11 @@ mod tests {
 
     #[test]
     fn batched_encoding_equals_the_merge_loop() {
-        // Batches of every size up to BATCH, pieces of 0 to 100 bytes (short keys, the long-piece
-        // cache and its 64-byte limit, the heap path), many more than cache slots, twice.
+        // Batches of every size up to BATCH, pieces of 0 to 1,100 bytes (short keys, the long-piece
+        // cache and its length limit, the heap path), more than the front cache holds, twice.
         for bpe in [toy(false), toy(true)] {
-            let mut strings = random_strings(11, 2 * LONG_SLOTS, b"abcx");
-            strings.extend((0..=100).map(|n| b"abcab".iter().cycle().take(n).copied().collect()));
+            let mut strings = random_strings(11, 4 * FRONT_SETS * FRONT_WAYS, b"abcx");
+            strings.extend((0..=1100).map(|n| b"abcab".iter().cycle().take(n).copied().collect()));
             for round in 0..2 {
                 let mut at = 0;
                 let mut size = round;
@@ -1122,6 +1163,44 @@ mod tests {
             }
         }
         assert_eq!(table.get(ShortKey::pack(b"zzz").unwrap()), None);
+    }
+
+    #[test]
+    fn the_long_cache_gives_back_what_it_was_given_or_nothing() {
+        // Far more records than the ring holds (it comes round many times), pieces of every
+        // length up to LONG_MAX, colliding hashes forced: every hit must be the piece's own ids.
+        let mut cache = LongCache::new();
+        let mut kept = vec![];
+        let mut state = 7u64;
+        for round in 0..20_000u64 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = SHORT_MAX + 1 + (state >> 33) as usize % (LONG_MAX - SHORT_MAX);
+            let piece: Vec<u8> = (0..len).map(|i| (round as usize * 31 + i) as u8).collect();
+            // A piece always has the same ids (as from the merge loop).
+            let ids: Vec<u32> = (0..len / 3)
+                .map(|i| piece[i] as u32 * 1000 + i as u32)
+                .collect();
+            let hash = if round % 3 == 0 {
+                42
+            } else {
+                long_hash(&piece)
+            };
+            cache.put(hash, &piece, &ids);
+            kept.push((hash, piece, ids));
+        }
+        let (mut hits, mut out) = (0, vec![]);
+        for (hash, piece, ids) in &kept {
+            out.clear();
+            if cache.get(*hash, piece, &mut out) {
+                assert_eq!(&out, ids);
+                hits += 1;
+            } else {
+                assert!(out.is_empty());
+            }
+        }
+        assert!(hits > 100, "the latest records are kept: {hits} hits");
     }
 
     #[test]
