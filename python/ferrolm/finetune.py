@@ -93,7 +93,7 @@ from ferrolm.checkpoint import (
 from ferrolm.config import FinetuneConfig, check_columns
 from ferrolm.memory import check_memory
 from ferrolm.model import GPT, GPTConfig
-from ferrolm.train import _Progress, _rank_seed, resolve_device
+from ferrolm.train import _Progress, _rank_seed, lr_at, resolve_device
 
 __all__ = [
     "Classifier",
@@ -121,14 +121,8 @@ Label = int | str
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config: FinetuneConfig (every option, its default, help and rules) is ferrolm.config's
-
-
-def lr_at(step: int, total_steps: int, warmup: int, lr: float) -> float:
-    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total_steps`` (BERT's schedule)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+# Config: FinetuneConfig (every option, its default, help and rules) is ferrolm.config's; the
+# learning-rate schedule is ferrolm.train.lr_at's, with BERT's linear decay.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -680,7 +674,7 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
         train_loss, train_count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]  # the global batch
-            lr = lr_at(step, total_steps, warmup, config.lr)
+            lr = lr_at(step, total_steps, lr=config.lr, warmup=warmup, decay="linear")
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()

@@ -83,14 +83,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay from lr to lr * min_lr_ratio at max_steps."""
-    warmup = min(config.warmup, max_steps)
+def lr_at(
+    step: int, total_steps: int, *, lr: float, warmup: int, decay: str = "cosine", min_lr_ratio: float = 0.0
+) -> float:
+    """The learning rate of both trainers: linear warmup over ``warmup`` steps, then a decay from ``lr``
+    to ``lr * min_lr_ratio`` at ``total_steps``: ``"cosine"`` (pretraining, as GPT-3; Chinchilla's 10x
+    lower floor) or ``"linear"`` (fine-tuning, BERT's schedule, to 0)."""
     if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)  # 0 -> 1
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0
-    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1
+        shape = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0
+    elif decay == "linear":
+        shape = max(0.0, (total_steps - step) / max(1, total_steps - warmup))  # 1 -> 0
+    else:
+        raise FerrolmError(f"lr_at: decay must be cosine or linear, got {decay!r}")
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
+
+
+def _pretrain_lr(step: int, config: TrainConfig, max_steps: int) -> float:
+    # The warmup is capped at the run's length: a short run still reaches the peak.
+    warmup = min(config.warmup, max_steps)
+    return lr_at(step, max_steps, lr=config.lr, warmup=warmup, min_lr_ratio=config.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,7 +328,7 @@ def _train(
             },
             "scheduler": {
                 "kind": "warmup_cosine",
-                "lr": lr_at(step, config, max_steps),
+                "lr": _pretrain_lr(step, config, max_steps),
                 "max_steps": max_steps,
                 "warmup": config.warmup,
                 "min_lr_ratio": config.min_lr_ratio,
@@ -346,7 +360,7 @@ def _train(
     last_train_loss, last_val = float("nan"), None
     while step < max_steps:
         started = time.perf_counter()
-        lr = lr_at(step, config, max_steps)
+        lr = _pretrain_lr(step, config, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Fetch the whole accumulation window first: the loss is normalised by ITS target count, over
