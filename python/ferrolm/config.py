@@ -56,7 +56,8 @@ def option(
 
     ``help`` says what the option does; the default is added from the field itself (``default_text``
     replaces it where the value alone says nothing, e.g. None = "the model's context"). ``choices`` are
-    the allowed values when the annotation is not a ``Literal`` (e.g. the keys of a table owned elsewhere).
+    the command line's choices when the annotation is not a ``Literal``: the keys of a table owned
+    elsewhere (the presets), whose owner checks the value.
     ``parse`` turns the command-line string into the value when the annotation's type does not (e.g.
     ``10e9`` tokens). ``required`` says what the value is when a run cannot start without it (the
     default is then "", and ``validate`` refuses it empty)."""
@@ -119,15 +120,18 @@ def _words(values: tuple[Any, ...]) -> str:
 
 
 def check_fields(config: Any, source: str) -> None:
-    """The rules every field's annotation states: a bool is a bool, a str a str, a table a dict, a value
-    with choices one of them. Numbers are checked with their ranges by each config's ``check``."""
+    """The rules every field's annotation states: a bool is a bool, a str a str, a table a dict, a
+    ``Literal`` one of its values. Numbers are checked with their ranges by each config's ``check``."""
     types = field_types(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         base, optional = unwrap_optional(types[field.name])
         if value is None and optional:
             continue
-        choices = field_choices(field, types[field.name])
+        # A Literal is the field's own type. Metadata choices are another table's keys (the presets),
+        # checked by that table's owner (GPTConfig.preset): a checkpoint whose preset has since been
+        # renamed still loads and exports. For them a string is the rule here.
+        choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
         if choices is not None:
             if not isinstance(value, str) or value not in choices:
                 raise FerrolmError(f"{source}: {field.name} must be {_words(choices)}, got {value!r}")
