@@ -209,3 +209,28 @@ def test_cli_pretrain_resume_export_generate_plot(shards, tmp_path, capsys) -> N
     assert printed == tok.decode(expected) + "\n"
     (run / "loss.png").unlink()
     assert main(["plot", str(run)]) == 0 and (run / "loss.png").exists()
+
+
+def test_the_resolved_config_is_saved_in_the_run_and_repeats_it(shards, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ferrolm.config import load_toml
+
+    run, again = tmp_path / "run", tmp_path / "again"
+    toml = tmp_path / "run.toml"
+    toml.write_text("batch_size = 2\nseq_len = 16\nwarmup = 1\n[model]\nn_layer = 1\n")
+    args = ["pretrain", "--config", str(toml), "--data", str(shards), "--max-steps", "2", "--quiet"]
+    assert main([*args, "--out", str(run), "--eval-interval", "2"]) == 0
+    saved = TrainConfig.from_dict(load_toml(run / "config.toml"), source="config.toml")
+    assert (saved.batch_size, saved.seq_len, saved.max_steps, saved.model) == (2, 16, 2, {"n_layer": 1})
+    assert saved.out == str(run) and saved.progress is False and saved.eval_interval == 2
+    # The saved file starts an equal run elsewhere: the same losses.
+    assert main(["pretrain", "--config", str(run / "config.toml"), "--out", str(again)]) == 0
+    assert load_toml(again / "config.toml") == {**load_toml(run / "config.toml"), "out": str(again)}
+    losses = [(run / "metrics.jsonl").read_text(), (again / "metrics.jsonl").read_text()]
+    first, second = ([line for line in text.splitlines() if '"train"' in line] for text in losses)
+    assert len(first) == 2 and [_loss(x) for x in first] == [_loss(x) for x in second]
+
+
+def _loss(line: str) -> float:
+    value = json.loads(line).get("loss")
+    assert isinstance(value, float) and value == value  # a number, not NaN
+    return value

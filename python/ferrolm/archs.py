@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
-__all__ = ["ARCHS", "ArchSpec"]
+__all__ = ["ARCHS", "PRESETS", "ArchSpec"]
 
 
 @dataclass(frozen=True)
@@ -115,5 +116,33 @@ ARCHS: dict[str, ArchSpec] = {
         mask_token="[MASK]",
         pad_token="[PAD]",
         hf_model_type="modernbert",
+    ),
+}
+
+
+# GPTConfig presets (GPTConfig.preset, --preset), sizes smallest first. Vocabulary size comes from the data (the shard manifest), not the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU and tests: trains in seconds.
+    "tiny": dict(arch="gpt2", n_layer=2, n_head=4, n_embd=64, block_size=128),
+    "tiny-llama": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128),
+    # A laptop-sized model that still learns visibly in minutes on CPU.
+    "small": dict(arch="gpt2", n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "small-llama": dict(arch="llama", n_layer=4, n_head=4, n_kv_head=2, n_embd=256, block_size=256),
+    # GPT-2 (Radford et al. 2019) sizes; gpt2-small is the 124M model.
+    "gpt2-small": dict(arch="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(arch="gpt2", n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    # Llama-style at GPT-2-small size, 4 K/V heads (3 query heads per K/V head).
+    "llama-small": dict(arch="llama", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024),
+    # RoBERTa-style encoders (objective "mlm"): tiny for tests, small for a laptop, base = roberta-base.
+    "tiny-roberta": dict(arch="roberta", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
+    "small-roberta": dict(arch="roberta", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False),
+    "roberta-base": dict(arch="roberta", n_layer=12, n_head=12, n_embd=768, block_size=512, causal=False),
+    "tiny-bert": dict(arch="bert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False),
+    # ModernBERT-style encoders (global attention; ModernBERT's RoPE base for global layers).
+    "tiny-modernbert": dict(
+        arch="modernbert", n_layer=2, n_head=4, n_embd=64, block_size=128, causal=False, rope_theta=160000.0
+    ),
+    "small-modernbert": dict(
+        arch="modernbert", n_layer=4, n_head=4, n_embd=256, block_size=256, causal=False, rope_theta=160000.0
     ),
 }

@@ -7,11 +7,16 @@ Errors print one line (``ferrolm: error: ...``) unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
+
+from ferrolm.config import FinetuneConfig, TrainConfig
 
 EPILOG_DEMO = """examples:
   ferrolm demo                      # tokenizer -> shards -> pretrain -> generate -> fine-tune -> evaluate
@@ -186,45 +191,12 @@ EPILOG_PRETRAIN = """examples:
       --batch-size 16 --global-batch-size 512 --parallel ddp     # or fsdp; see docs/distributed.md
 """
 
-# CLI flag -> TrainConfig field, for the flags that override a --config file or a resumed run.
-PRETRAIN_FIELDS = (
-    "data",
-    "out",
-    "preset",
-    "objective",
-    "max_steps",
-    "max_tokens",
-    "batch_size",
-    "seq_len",
-    "grad_accum",
-    "global_batch_size",
-    "parallel",
-    "reduce_dtype",
-    "lr",
-    "warmup",
-    "weight_decay",
-    "grad_clip",
-    "device",
-    "compile",
-    "packing",
-    "doc_mask",
-    "eval_interval",
-    "eval_batches",
-    "checkpoint_interval",
-    "seed",
-    "init_from",
-    "dropout",
-)
-
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    import dataclasses
+    from ferrolm.train import load_checkpoint, pretrain, saved_train_config
 
-    from ferrolm.train import TrainConfig, load_checkpoint, load_toml, pretrain, saved_train_config
-
-    values: dict = {}
-    if args.config:
-        values.update(load_toml(args.config))
+    # Precedence, lowest first: the defaults, the resumed run's saved config, --config, the flags.
+    values = _config_file_values(args, TrainConfig)
     out = args.out or values.get("out")
     if args.resume:
         if not out:
@@ -232,19 +204,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         path, state = load_checkpoint(out, verify=False)  # the configuration; pretrain checks the files
         saved = dataclasses.asdict(saved_train_config(state, path))
         values = {**saved, **{k: v for k, v in values.items() if k != "model"}}
-    for name in PRETRAIN_FIELDS:
-        value = getattr(args, name)
-        if value is None or (value is False and name in ("compile", "doc_mask")):
-            continue
-        if name == "dropout":
-            values.setdefault("model", {})["dropout"] = value
-        elif name == "max_tokens":
-            values[name] = int(float(value))  # accepts 10e9
-        else:
-            values[name] = value
-    if args.quiet:
-        values["progress"] = False
-    config = TrainConfig.from_dict(values, source=args.config or "pretrain options")
+    flags = _config_flag_values(args, TrainConfig)
+    # --model KEY=VALUE and --dropout (a GPTConfig field, kept as a flag of its own) add to the table.
+    model = {**values.get("model", {}), **flags.pop("model", {})}
+    if args.dropout is not None:
+        model["dropout"] = args.dropout
+    if model:
+        values["model"] = model
+    values.update(flags)
+    _require(args, TrainConfig, values)
+    config = TrainConfig.from_dict(values, source="pretrain options")
     summary = pretrain(config, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
         return 0
@@ -256,6 +225,123 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         + f" -> {summary['run_dir']}"
     )
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config dataclasses as flags: one flag per field, its type, default, help and choices from the field
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the config dataclass ``cls`` (``ferrolm.config``), in a group of its own.
+
+    ``--name-with-dashes`` for ``name_with_dashes``; the type from the annotation (int, float, str,
+    ``X | None``, ``Literal`` choices; ``--flag/--no-flag`` for a bool; ``KEY=VALUE`` repeatable for a
+    table), the help, choices and parser from the field's metadata, the default shown from the field.
+    Every flag's argparse default is None: "not given", so a --config file or a resumed run's value
+    stays unless the flag is given."""
+    from ferrolm.config import field_choices, field_types, unwrap_optional
+
+    types = field_types(cls)
+    group = parser.add_argument_group(f"options (also the keys of a --config TOML file, as {cls.__name__})")
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        meta = field.metadata
+        base, _ = unwrap_optional(types[field.name])
+        choices = field_choices(field, types[field.name])
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default  # type: ignore[misc]
+        shown = meta.get("default_text") or _shown(default)
+        text = meta.get("help", "")
+        if choices is not None and meta.get("metavar"):  # a long list: in the help, not the usage line
+            text += f"; one of: {', '.join(map(str, choices))}"
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": None,
+            "help": (
+                f"{text} (required: here or in --config)"
+                if meta.get("required")
+                else f"{text} (default: {shown})"
+            ).replace("%", "%%"),
+        }
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is dict:
+            kwargs.update(action="append", type=_key_value)
+        else:
+            kwargs["type"] = _typed(meta.get("parse") or base)
+            if choices is not None:
+                kwargs["choices"] = choices
+        group.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+
+
+def _typed(convert: Any) -> Any:
+    """``convert`` (int, float, str, typing.Literal's str, a parser) as an argparse type whose error
+    names the expected value; argparse adds the flag."""
+    if typing.get_origin(convert) is typing.Literal:
+        return str
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as error:
+            wanted = {int: "an integer", float: "a number"}.get(convert)
+            raise argparse.ArgumentTypeError(
+                f"expected {wanted}, got {text!r}" if wanted else str(error)
+            ) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``: VALUE is read as a TOML value (``6``, ``0.1``, ``true``, ``"x"``), or as a string
+    when it is not one (``arch=llama``)."""
+    from ferrolm.config import toml_value
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value = toml_value(raw)
+    return key.strip(), raw if value is None else value
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return "none" if default in (None, "", {}) else str(default)
+
+
+def _config_file_values(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The fields ``--config FILE`` gives; unknown keys and bad values are refused naming the file."""
+    from ferrolm.config import load_toml
+
+    if not args.config:
+        return {}
+    values = load_toml(args.config)
+    cls.from_dict(values, source=str(args.config))
+    return values
+
+
+def _config_flag_values(args: argparse.Namespace, cls: Any) -> dict[str, Any]:
+    """The fields given as flags (add_config_options's); a table's KEY=VALUE pairs as a dict."""
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None
+    }
+    return {k: dict(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
+def _require(args: argparse.Namespace, cls: Any, values: dict[str, Any]) -> None:
+    """The fields a run cannot start without, given by neither the flags nor the --config file: the
+    usage error argparse gives for a missing required argument."""
+    missing = [
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("required") and not values.get(f.name)
+    ]
+    if missing:
+        args.parser.error(
+            f"the following arguments are required: {', '.join(missing)} (a flag or a key of --config)"
+        )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -299,63 +385,17 @@ def add_model_commands(commands) -> None:  # type: ignore[no-untyped-def]
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_PRETRAIN,
     )
-    pretrain.add_argument("--data", help="shard directory (ferrolm shard output)")
-    pretrain.add_argument("--out", help="run directory")
     pretrain.add_argument(
-        "--preset",
-        help="tiny | tiny-llama | small | small-llama | gpt2-small | gpt2-medium "
-        "| llama-small | tiny-roberta | small-roberta | roberta-base | tiny-bert | tiny-modernbert "
-        "| small-modernbert "
-        "(encoders: --objective mlm) (default tiny)",
+        "--config", metavar="FILE", help="run.toml: the options below as keys, a [model] table for GPTConfig"
     )
-    pretrain.add_argument("--objective", choices=["clm", "mlm"], help="next-token (default) or masked-LM")
-    pretrain.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
-    pretrain.add_argument("--max-tokens", help="training tokens instead of --max-steps (e.g. 10e9)")
-    pretrain.add_argument("--batch-size", type=int, help="rows per micro-step (default 8)")
-    pretrain.add_argument("--seq-len", type=int, help="tokens per row (default: the model's context)")
-    pretrain.add_argument(
-        "--grad-accum",
-        type=int,
-        help="micro-steps per optimizer step (default: from --global-batch-size, or 1)",
-    )
-    pretrain.add_argument(
-        "--global-batch-size",
-        type=int,
-        help="rows per optimizer step over all processes (= processes x grad accum x batch size)",
-    )
-    pretrain.add_argument(
-        "--parallel",
-        choices=["auto", "none", "ddp", "fsdp"],
-        help="under torchrun: ddp (replicas) or fsdp (sharded); default auto = ddp with several processes",
-    )
-    pretrain.add_argument(
-        "--reduce-dtype",
-        choices=["float32", "bfloat16"],
-        help="fsdp on CUDA: dtype of the gradient reduce-scatter (default float32)",
-    )
-    pretrain.add_argument("--lr", type=float, help="peak learning rate (default 6e-4)")
-    pretrain.add_argument("--warmup", type=int, help="warmup steps (default 100)")
-    pretrain.add_argument("--weight-decay", type=float, help="default 0.1")
-    pretrain.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
-    pretrain.add_argument("--dropout", type=float, help="default 0.0")
-    pretrain.add_argument("--device", help="cpu | cuda | auto (default auto)")
-    pretrain.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    pretrain.add_argument("--packing", choices=["concat", "best_fit"], help="default concat")
-    pretrain.add_argument(
-        "--doc-mask", action="store_true", default=None, help="attend within documents only"
-    )
-    pretrain.add_argument("--eval-interval", type=int, help="evaluate every N steps (default 100)")
-    pretrain.add_argument("--eval-batches", type=int, help="val batches per evaluation (default 10)")
-    pretrain.add_argument("--checkpoint-interval", type=int, help="checkpoint every N steps (default 500)")
-    pretrain.add_argument("--seed", type=int, help="default 0")
-    pretrain.add_argument(
-        "--init-from",
-        help="start from a ferrolm run directory (its latest checkpoint's weights) or a Hugging Face directory",
-    )
-    pretrain.add_argument("--config", help="run.toml: TrainConfig keys, [model] table for GPTConfig")
     pretrain.add_argument("--resume", action="store_true", help="continue RUN's latest checkpoint exactly")
-    pretrain.add_argument("--quiet", action="store_true", help="no progress line")
-    pretrain.set_defaults(func=_cmd_pretrain)
+    pretrain.add_argument(
+        "--quiet", dest="progress", action="store_const", const=False, help="= --no-progress"
+    )
+    # GPTConfig's dropout, a flag of its own since before --model KEY=VALUE (= --model dropout=P).
+    pretrain.add_argument("--dropout", type=float, metavar="P", help="= --model dropout=P (default: 0.0)")
+    add_config_options(pretrain, TrainConfig)
+    pretrain.set_defaults(func=_cmd_pretrain, parser=pretrain)
 
     export = commands.add_parser(
         "export",
@@ -412,10 +452,11 @@ EPILOG_FINETUNE = """examples:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from ferrolm.finetune import FinetuneConfig, finetune
+    from ferrolm.finetune import finetune
 
-    options = {k: v for k, v in vars(args).items() if k in FINETUNE_FIELDS and v is not None}
-    summary = finetune(FinetuneConfig(progress=not args.quiet, **options))
+    values = {**_config_file_values(args, FinetuneConfig), **_config_flag_values(args, FinetuneConfig)}
+    _require(args, FinetuneConfig, values)
+    summary = finetune(FinetuneConfig.from_dict(values, source="finetune options"))
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
         return 0
     print(
@@ -423,26 +464,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"macro-F1 {summary['macro_f1']:.4f}, loss {summary['eval_loss']:.4f} -> {summary['run_dir']}"
     )
     return 0
-
-
-FINETUNE_FIELDS = (
-    "model",
-    "train",
-    "eval",
-    "out",
-    "text_column",
-    "label_column",
-    "epochs",
-    "lr",
-    "batch_size",
-    "max_length",
-    "warmup_ratio",
-    "weight_decay",
-    "dropout",
-    "device",
-    "parallel",
-    "seed",
-)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -535,32 +556,12 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_FINETUNE,
     )
-    finetune.add_argument("--model", required=True, help="ferrolm run directory or Hugging Face directory")
-    finetune.add_argument("--train", required=True, help="labelled training data: .csv, .tsv or .jsonl")
-    finetune.add_argument("--eval", required=True, help="labelled data scored after every epoch")
-    finetune.add_argument("--out", required=True, help="output directory")
-    finetune.add_argument("--text-column", help="column or JSON key of the text (default sentence)")
-    finetune.add_argument("--label-column", help="column or JSON key of the label (default label)")
-    finetune.add_argument("--epochs", type=int, help="passes over the training set (default 3)")
-    finetune.add_argument("--lr", type=float, help="peak learning rate (default 1e-5)")
+    finetune.add_argument("--config", metavar="FILE", help="a TOML file: the options below as keys")
     finetune.add_argument(
-        "--batch-size", type=int, help="examples per step, over all processes under torchrun (default 32)"
+        "--quiet", dest="progress", action="store_const", const=False, help="= --no-progress"
     )
-    finetune.add_argument(
-        "--max-length", type=int, help="tokens kept per text (default: the model's context)"
-    )
-    finetune.add_argument("--warmup-ratio", type=float, help="fraction of steps warming up (default 0.06)")
-    finetune.add_argument("--weight-decay", type=float, help="default 0.01")
-    finetune.add_argument("--dropout", type=float, help="default 0.1")
-    finetune.add_argument("--device", help="cpu | cuda | auto (default auto)")
-    finetune.add_argument(
-        "--parallel",
-        choices=["auto", "none", "ddp", "fsdp"],
-        help="under torchrun: ddp (replicas) or fsdp (sharded); default auto = ddp with several processes",
-    )
-    finetune.add_argument("--seed", type=int, help="default 0")
-    finetune.add_argument("--quiet", action="store_true", help="no progress line")
-    finetune.set_defaults(func=_cmd_finetune)
+    add_config_options(finetune, FinetuneConfig)
+    finetune.set_defaults(func=_cmd_finetune, parser=finetune)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -614,34 +615,24 @@ def add_finetune_commands(commands) -> None:  # type: ignore[no-untyped-def]
     predict.set_defaults(func=_cmd_predict)
 
 
-def build_shard_merge_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ferrolm shard merge",
-        description="Join shard directories written with --num-parts/--part into one.",
-        epilog="example:\n  ferrolm shard merge part0/ part1/ --out shards/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("parts", nargs="+", help="part directories, in order")
-    parser.add_argument("--out", required=True, help="output directory (new or empty)")
-    _add_common_options(parser)
-    parser.set_defaults(func=_cmd_shard_merge)
-    return parser
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with an optional default subcommand: when the first word is not one of its
+    subcommands, ``default_command`` is (``ferrolm shard INPUTS...`` is ``ferrolm shard tokenize
+    INPUTS...``, as ``git stash`` is ``git stash push``). Subparsers are made of the parent's class."""
 
+    default_command: str | None = None
 
-def _add_common_options(parser: argparse.ArgumentParser) -> None:
-    """--version and --debug, on the main parser and on `shard merge`'s (its own parser)."""
-    from ferrolm import __version__
-
-    parser.add_argument("--version", action="version", version=f"ferrolm {__version__}")
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="show full tracebacks on errors (accepted anywhere on the command line)",
-    )
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self.default_command is not None:
+            args = list(sys.argv[1:] if args is None else args)
+            names = next(a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction))
+            if not args or args[0] not in names:
+                args = [self.default_command, *args]
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ferrolm",
         description="Rust-accelerated language-model training: tokenizer, data, trainer.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -656,7 +647,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 run 'ferrolm COMMAND --help' for a command's options and an example""",
     )
-    _add_common_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -680,11 +670,25 @@ run 'ferrolm COMMAND --help' for a command's options and an example""",
     demo.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     demo.set_defaults(func=_cmd_demo)
 
-    shard = commands.add_parser(
+    shard_description = (
+        "Tokenize text / JSON lines / zstd / gzip / Parquet files into safetensors shards and a "
+        "manifest, on all cores, resumable. 'ferrolm shard merge PARTS... --out DIR' joins parts."
+    )
+    shard_commands = commands.add_parser(
         "shard",
         help="tokenize a corpus into safetensors shards + manifest (see also: shard merge)",
-        description="Tokenize text / JSON lines / zstd / gzip / Parquet files into safetensors shards "
-        "and a manifest, on all cores, resumable. 'ferrolm shard merge PARTS... --out DIR' joins parts.",
+        description=shard_description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_SHARD,
+    )
+    # `ferrolm shard INPUTS...` (the default action) and `ferrolm shard merge PARTS...`.
+    shard_actions = shard_commands.add_subparsers(dest="shard_command", metavar="ACTION")
+    shard_commands.default_command = "tokenize"
+    shard = shard_actions.add_parser(
+        "tokenize",
+        prog="ferrolm shard",  # the default action: its usage line is the command's
+        help="tokenize a corpus (the default: `ferrolm shard INPUTS...`)",
+        description=shard_description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_SHARD,
     )
@@ -708,6 +712,17 @@ run 'ferrolm COMMAND --help' for a command's options and an example""",
     shard.add_argument("--part", type=int, default=0)
     shard.add_argument("--quiet", action="store_true")
     shard.set_defaults(func=_cmd_shard)
+
+    merge = shard_actions.add_parser(
+        "merge",
+        help="join shard directories written with --num-parts/--part into one",
+        description="Join shard directories written with --num-parts/--part into one.",
+        epilog="example:\n  ferrolm shard merge part0/ part1/ --out shards/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("parts", nargs="+", help="part directories, in order")
+    merge.add_argument("--out", required=True, help="output directory (new or empty)")
+    merge.set_defaults(func=_cmd_shard_merge)
 
     tokenizer = commands.add_parser(
         "tokenizer",
@@ -802,7 +817,25 @@ run 'ferrolm COMMAND --help' for a command's options and an example""",
 
     add_model_commands(commands)
     add_finetune_commands(commands)
+    _add_common_options(parser)
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--version and --debug on every parser of the tree, so that each command's --help lists them
+    (``main`` takes --debug out before parsing: it is accepted anywhere on the line)."""
+    from ferrolm import __version__
+
+    parser.add_argument("--version", action="version", version=f"ferrolm {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks on errors (accepted anywhere on the command line)",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_common_options(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -812,13 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]
     words = [a for a in argv[:end] if a != "--debug"] + argv[end:]
-    # `ferrolm shard merge ...` shares its first word with `ferrolm shard INPUTS...`.
-    if words[:2] == ["shard", "merge"]:
-        parser = build_shard_merge_parser()
-        args = parser.parse_args(words[2:])
-    else:
-        parser = build_parser()
-        args = parser.parse_args(words)
+    parser = build_parser()
+    args = parser.parse_args(words)
     args.debug = debug
     if not getattr(args, "func", None):
         parser.print_help()

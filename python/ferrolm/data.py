@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferrolm import _inputs
 from ferrolm._core import CoreShardWriter, FerrolmError
 from ferrolm._files import atomic_write_json, copy_file_atomic, remove_stale_temporaries
 from ferrolm._progress import ProgressLine
@@ -30,7 +30,6 @@ __all__ = ["Manifest", "PackedLoader", "ShardInfo", "expand_inputs", "merge_shar
 
 MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".ndjson", ".parquet")
-COMPRESSED = (".zst", ".zstd", ".gz")
 
 
 @dataclass(frozen=True)
@@ -103,35 +102,12 @@ class Manifest:
         return Tokenizer.from_pretrained(self.directory / self.data["tokenizer"]["file"])
 
 
-def _is_input(path: Path) -> bool:
-    name = path.name.lower()
-    for suffix in COMPRESSED:
-        name = name.removesuffix(suffix)
-    return name.endswith(TEXT_SUFFIXES)
-
-
 def expand_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Files, directories (searched recursively for text / JSON lines / Parquet files, optionally
-    .zst or .gz compressed) and glob patterns -> a sorted list of distinct files."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    found: set[Path] = set()
-    for item in inputs:
-        text = os.fspath(item)
-        path = Path(text)
-        if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.is_file() and _is_input(p))
-        elif path.is_file() or path.exists():
-            # Not a regular file (a FIFO, a device): the core's reader refuses it by name.
-            found.add(path)
-        elif glob.has_magic(text):
-            matches = [Path(p) for p in glob.glob(text, recursive=True)]
-            if not matches:
-                raise FileNotFoundError(f"{text}: the pattern matches no file")
-            found.update(p for p in matches if p.is_file())
-        else:
-            raise FileNotFoundError(f"{text}: no such file or directory")
-    return sorted(found)
+    .zst or .gz compressed, hidden ones skipped) and glob patterns -> a sorted list of distinct files
+    (sorted: the shards do not depend on the order the inputs are named in). The rule for what an
+    input names is ``ferrolm._inputs``' (the tokenizer trainer's too)."""
+    return sorted({Path(p) for p in _inputs.expand_inputs(inputs, TEXT_SUFFIXES)})
 
 
 class _Progress:

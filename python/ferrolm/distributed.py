@@ -79,10 +79,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ferrolm._core import FerrolmError
+from ferrolm.config import PARALLEL_MODES
 
 __all__ = ["PARALLEL_MODES", "Context", "init", "resolve_parallel", "world_from_env"]
 
-PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
 # Exception types re-raised as themselves on the ranks that did not fail (the CLI prints these as one
 # line); anything else becomes a FerrolmError carrying the type's name.

@@ -90,9 +90,10 @@ from ferrolm.checkpoint import (
     read_tensors,
     read_versioned_json,
 )
+from ferrolm.config import FinetuneConfig, check_columns
 from ferrolm.memory import check_memory
 from ferrolm.model import GPT, GPTConfig
-from ferrolm.train import _Progress, _rank_seed, check_number, resolve_device
+from ferrolm.train import _Progress, _rank_seed, lr_at, resolve_device
 
 __all__ = [
     "Classifier",
@@ -120,87 +121,8 @@ Label = int | str
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class FinetuneConfig:
-    model: str = ""  # pretrained model: a ferrolm run or a Hugging Face GPT-2/Llama/RoBERTa/ModernBERT dir
-    train: str = ""  # labelled training data: .csv, .tsv or .jsonl (.json: JSON lines too)
-    eval: str = ""  # labelled evaluation data, scored after every epoch to choose the checkpoint kept
-    out: str = ""  # output directory: classifier.json, the weights, tokenizer.json, metrics.jsonl
-    text_column: str = "sentence"  # column (CSV/TSV header) or JSON key of the text (GLUE's name)
-    label_column: str = "label"  # column or JSON key of the label: a string or an integer
-    epochs: int = 3  # passes over the training set (BERT and GPT-1 fine-tune for 3)
-    lr: float = 1e-5  # peak learning rate: small, the pretrained weights need only a nudge
-    batch_size: int = 32  # examples per optimizer step: the GLOBAL batch, split over ranks
-    max_length: int | None = None  # tokens kept per text (the end is cut); None = the model's context
-    warmup_ratio: float = 0.06  # fraction of all steps with a linear warmup (RoBERTa's fine-tuning value)
-    warmup_steps: int | None = None  # warmup length in steps; overrides warmup_ratio when set
-    weight_decay: float = 0.01  # AdamW decay on matmul weights only (BERT's fine-tuning value)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    dropout: float = 0.1  # embeddings + residuals (GPT-2's value): small labelled sets overfit without
-    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
-    parallel: str = "auto"  # "ddp", "fsdp", "none", or "auto" (ddp when torchrun starts several ranks)
-    seed: int = 0  # head init, dropout and the example order of each epoch
-    progress: bool = True  # progress line on stderr
-
-    def validate(self) -> FinetuneConfig:
-        for name, what in (
-            ("model", "a run or Hugging Face directory"),
-            ("train", "a file"),
-            ("out", "a directory"),
-        ):
-            if not getattr(self, name):
-                raise FerrolmError(f"finetune config: {name} ({what}) is required")
-        if not self.eval:
-            raise FerrolmError("finetune config: eval (a labelled file scored each epoch) is required")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FerrolmError(f"finetune config: {name} must be a positive integer, got {value!r}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise FerrolmError(
-                f"finetune config: max_length must be a positive integer, got {self.max_length!r}"
-            )
-        if self.warmup_steps is not None and (
-            not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
-        ):
-            raise FerrolmError(f"finetune config: warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        source = "finetune config"
-        check_number(source, "lr", self.lr, open_low=True)
-        check_number(source, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        check_number(source, "weight_decay", self.weight_decay)
-        check_number(source, "grad_clip", self.grad_clip)
-        check_number(source, "dropout", self.dropout, 0.0, 1.0, open_high=True)
-        _check_columns(self.text_column, self.label_column)
-        if not isinstance(self.device, str) or (
-            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
-        ):
-            raise FerrolmError(f"finetune config: device must be cpu, cuda or auto, got {self.device!r}")
-        if self.parallel not in distributed.PARALLEL_MODES:
-            raise FerrolmError(
-                f"finetune config: parallel must be auto, none, ddp or fsdp, got {self.parallel!r}"
-            )
-        return self
-
-
-def _check_columns(text_column: Any, label_column: Any) -> None:
-    for name, value in (("text_column", text_column), ("label_column", label_column)):
-        if not isinstance(value, str) or not value:
-            raise FerrolmError(f"finetune config: {name} must be a non-empty column name, got {value!r}")
-    if text_column == label_column:
-        raise FerrolmError(
-            f"text_column and label_column are both {text_column!r}: the text and the label must be "
-            "different columns (--text-column, --label-column)"
-        )
-
-
-def lr_at(step: int, total_steps: int, warmup: int, lr: float) -> float:
-    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total_steps`` (BERT's schedule)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+# Config: FinetuneConfig (every option, its default, help and rules) is ferrolm.config's; the
+# learning-rate schedule is ferrolm.train.lr_at's, with BERT's linear decay.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +147,7 @@ def read_examples(
     ``FerrolmError`` naming the file, the line and the column.
     """
     path = Path(path)
-    _check_columns(text_column, label_column)
+    check_columns(text_column, label_column)
     kind = DATA_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise FerrolmError(
@@ -750,7 +672,7 @@ def _finetune(config: FinetuneConfig, ctx: distributed.Context) -> dict[str, Any
         train_loss, train_count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]  # the global batch
-            lr = lr_at(step, total_steps, warmup, config.lr)
+            lr = lr_at(step, total_steps, lr=config.lr, warmup=warmup, decay="linear")
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()

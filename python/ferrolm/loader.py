@@ -180,8 +180,8 @@ class PackedLoader:
             format = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
         if format not in ("torch", "numpy"):
             raise FerrolmError(f"format must be 'torch' or 'numpy', got {format!r}")
-        if packing not in ("concat", "best_fit"):
-            raise FerrolmError(f"packing must be 'concat' or 'best_fit', got {packing!r}")
+        # packing is the core's to parse (Packing::parse); these are ints the core takes as unsigned,
+        # where a negative one would fail as an OverflowError that names nothing.
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("prefetch", prefetch)):
             if not isinstance(value, int) or value < 1:
                 raise FerrolmError(f"{name} must be a positive integer, got {value!r}")

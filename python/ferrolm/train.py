@@ -28,11 +28,9 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,6 @@ from ferrolm._files import (
     atomic_write_text,
     copy_file_atomic,
     read_jsonl,
-    read_text,
     remove_stale_temporaries,
     sha256_file,
 )
@@ -61,6 +58,7 @@ from ferrolm.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from ferrolm.config import CONFIG_FILE, TrainConfig, dump_toml
 from ferrolm.memory import check_memory
 from ferrolm.model import GPT, IGNORE_INDEX, GPTConfig, mask_tokens
 
@@ -71,170 +69,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config
-
-
-def check_number(
-    source: str,
-    name: str,
-    value: Any,
-    low: float = 0.0,
-    high: float = math.inf,
-    *,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> None:
-    """The one rule for the float options of ``TrainConfig`` and ``FinetuneConfig``: a finite real number
-    (not a bool, a string, NaN or infinity) in the interval from ``low`` to ``high`` (an open end
-    excludes its bound: ``lr`` must be > 0). Raises ``FerrolmError`` naming the field and the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
-    if not ok:
-        if high == math.inf:
-            wanted = f"{'>' if open_low else '>='} {low:g}"
-        else:
-            wanted = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise FerrolmError(f"{source}: {name} must be a finite number {wanted}, got {value!r}")
-
-
-@dataclass
-class TrainConfig:
-    data: str = ""  # shard directory (ferrolm shard output)
-    out: str = ""  # run directory: checkpoints/, metrics.jsonl, loss.png, tokenizer.json
-    preset: str = "tiny"  # model size, see ferrolm.model.PRESETS
-    model: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields overriding the preset
-    init_from: str | None = None  # start from a ferrolm run (its latest weights) or a Hugging Face dir
-    objective: str = "clm"  # "clm" next-token prediction (decoder) or "mlm" masked-LM (encoder)
-    mask_prob: float = 0.15  # mlm: fraction of tokens predicted (BERT)
-    max_steps: int | None = None  # optimizer steps; or derived from max_tokens; default 1000
-    max_tokens: int | None = None  # training tokens (global_batch_size * seq_len per step)
-    batch_size: int = 8  # rows per micro-step, per rank
-    seq_len: int | None = None  # tokens per row; None = the model's context (block_size)
-    grad_accum: int | None = None  # micro-steps per optimizer step; None = from global_batch_size, or 1
-    # Rows per optimizer step over all ranks (world_size * grad_accum * batch_size); fixing it (not
-    # grad_accum) keeps the step the same whatever the number of GPUs. None = world_size * batch_size *
-    # grad_accum.
-    global_batch_size: int | None = None
-    parallel: str = "auto"  # "ddp", "fsdp", "none", or "auto" (ddp when torchrun starts several ranks)
-    reduce_dtype: str = "float32"  # fsdp on CUDA: gradient reduce-scatter dtype (bfloat16 halves traffic)
-    lr: float = 6e-4  # peak learning rate (GPT-3 paper's value for 125M models)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this (Chinchilla: 10x lower)
-    warmup: int = 100  # linear warmup steps (capped at max_steps)
-    weight_decay: float = 0.1  # AdamW decoupled decay on matmul weights only
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.95  # second-moment decay; 0.95 (not 0.999) is steadier for LMs (GPT-3)
-    eps: float = 1e-8  # AdamW denominator epsilon
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
-    compile: bool = False  # torch.compile the model (CUDA: faster after a minute of compiling)
-    packing: str = "concat"  # loader packing: "concat" or "best_fit"
-    doc_mask: bool = False  # attend within documents only (cu_seqlens), positions restart per document
-    eval_interval: int = 100  # evaluate on the val split every N steps (and at the end)
-    eval_batches: int = 10  # val batches per evaluation (the same ones each time)
-    checkpoint_interval: int = 500  # checkpoint every N steps (and at the end)
-    keep_checkpoints: int = 3  # older checkpoints are deleted after a new one is complete
-    log_interval: int = 1  # append a train record to metrics.jsonl every N steps
-    seed: int = 0  # model init, loader order, dropout and masking
-    progress: bool = True  # progress line on stderr
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise FerrolmError(f"{source}: unknown keys {unknown} (known: {sorted(known)})")
-        return cls(**data)
-
-    def validate(self) -> TrainConfig:
-        if not self.data:
-            raise FerrolmError("train config: data (a shard directory) is required")
-        if not self.out:
-            raise FerrolmError("train config: out (a run directory) is required")
-        if self.objective not in ("clm", "mlm"):
-            raise FerrolmError(f"train config: objective must be 'clm' or 'mlm', got {self.objective!r}")
-        if self.packing not in ("concat", "best_fit"):
-            raise FerrolmError(f"train config: packing must be 'concat' or 'best_fit', got {self.packing!r}")
-        if not isinstance(self.device, str) or (
-            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
-        ):
-            raise FerrolmError(f"train config: device must be cpu, cuda or auto, got {self.device!r}")
-        for name in (
-            "batch_size",
-            "eval_interval",
-            "eval_batches",
-            "checkpoint_interval",
-            "keep_checkpoints",
-            "log_interval",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise FerrolmError(f"train config: seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("compile", "doc_mask", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise FerrolmError(f"train config: {name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("max_steps", "max_tokens", "seq_len", "grad_accum", "global_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise FerrolmError(f"train config: {name} must be a positive integer, got {value!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise FerrolmError(f"train config: warmup must be an integer >= 0, got {self.warmup!r}")
-        source = "train config"
-        check_number(source, "lr", self.lr, open_low=True)
-        check_number(source, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        check_number(source, "mask_prob", self.mask_prob, 0.0, 1.0, open_low=True)
-        check_number(source, "weight_decay", self.weight_decay)
-        check_number(source, "beta1", self.beta1, 0.0, 1.0, open_high=True)
-        check_number(source, "beta2", self.beta2, 0.0, 1.0, open_high=True)
-        check_number(source, "eps", self.eps, open_low=True)
-        check_number(source, "grad_clip", self.grad_clip)
-        if not isinstance(self.model, dict):
-            raise FerrolmError(f"train config: model must be a table of GPTConfig fields, got {self.model!r}")
-        if self.parallel not in distributed.PARALLEL_MODES:
-            raise FerrolmError(
-                f"train config: parallel must be auto, none, ddp or fsdp, got {self.parallel!r}"
-            )
-        if self.reduce_dtype not in ("float32", "bfloat16"):
-            raise FerrolmError(
-                f"train config: reduce_dtype must be float32 or bfloat16, got {self.reduce_dtype!r}"
-            )
-        return self
-
-    def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(grad_accum, global_batch_size) for ``world_size`` ranks; raises when they cannot agree.
-        Every rank computes it from the same config and environment, before any collective."""
-        per_micro_step = world_size * self.batch_size  # rows the job takes per micro-step
-        if self.global_batch_size is None:
-            grad_accum = self.grad_accum or 1
-            return grad_accum, per_micro_step * grad_accum
-        if self.global_batch_size % per_micro_step:
-            raise FerrolmError(
-                f"global_batch_size {self.global_batch_size} is not divisible by world_size {world_size} x "
-                f"batch_size {self.batch_size} = {per_micro_step}: change --batch-size or the number of "
-                "processes"
-            )
-        grad_accum = self.global_batch_size // per_micro_step
-        if self.grad_accum is not None and self.grad_accum != grad_accum:
-            raise FerrolmError(
-                f"global_batch_size {self.global_batch_size} = world_size {world_size} x batch_size "
-                f"{self.batch_size} x grad_accum {grad_accum}, but grad_accum is {self.grad_accum}: give "
-                "one of the two"
-            )
-        return grad_accum, self.global_batch_size
-
-
-def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A run.toml: top-level keys are TrainConfig fields; a [model] table overrides GPTConfig fields."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(read_text(path, "a run.toml (TrainConfig keys, a [model] table)"))
-    except tomllib.TOMLDecodeError as error:
-        raise FerrolmError(f"{path}: not valid TOML: {error}") from None
+# Config: TrainConfig (every option, its default, help and rules) is ferrolm.config's
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,14 +83,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay from lr to lr * min_lr_ratio at max_steps."""
-    warmup = min(config.warmup, max_steps)
+def lr_at(
+    step: int, total_steps: int, *, lr: float, warmup: int, decay: str = "cosine", min_lr_ratio: float = 0.0
+) -> float:
+    """The learning rate of both trainers: linear warmup over ``warmup`` steps, then a decay from ``lr``
+    to ``lr * min_lr_ratio`` at ``total_steps``: ``"cosine"`` (pretraining, as GPT-3; Chinchilla's 10x
+    lower floor) or ``"linear"`` (fine-tuning, BERT's schedule, to 0)."""
     if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, max_steps - warmup)  # 0 -> 1
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0
-    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1
+        shape = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0
+    elif decay == "linear":
+        shape = max(0.0, (total_steps - step) / max(1, total_steps - warmup))  # 1 -> 0
+    else:
+        raise FerrolmError(f"lr_at: decay must be cosine or linear, got {decay!r}")
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)
+
+
+def _pretrain_lr(step: int, config: TrainConfig, max_steps: int) -> float:
+    # The warmup is capped at the run's length: a short run still reaches the peak.
+    warmup = min(config.warmup, max_steps)
+    return lr_at(step, max_steps, lr=config.lr, warmup=warmup, min_lr_ratio=config.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,7 +207,7 @@ def _train(
     max_steps = config.max_steps or (
         math.ceil(config.max_tokens / tokens_per_step) if config.max_tokens else 1000
     )
-    ctx.on_main(_prepare_run_dir, run_dir, manifest)
+    ctx.on_main(_prepare_run_dir, run_dir, manifest, config)
 
     if start_state is not None:  # rank 0 reads the weights; broadcast_module gives them to every rank
         ckpt_path = Path(start_state["path"])
@@ -477,7 +326,7 @@ def _train(
             },
             "scheduler": {
                 "kind": "warmup_cosine",
-                "lr": lr_at(step, config, max_steps),
+                "lr": _pretrain_lr(step, config, max_steps),
                 "max_steps": max_steps,
                 "warmup": config.warmup,
                 "min_lr_ratio": config.min_lr_ratio,
@@ -509,7 +358,7 @@ def _train(
     last_train_loss, last_val = float("nan"), None
     while step < max_steps:
         started = time.perf_counter()
-        lr = lr_at(step, config, max_steps)
+        lr = _pretrain_lr(step, config, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Fetch the whole accumulation window first: the loss is normalised by ITS target count, over
@@ -607,9 +456,11 @@ def _check_new_run(run_dir: Path) -> None:
         raise FerrolmError(f"{run_dir} already holds a run: pass --resume to continue it, or another --out")
 
 
-def _prepare_run_dir(run_dir: Path, manifest: Any) -> None:
-    """The run directory, with a copy of the shards' tokenizer (for export and generate)."""
+def _prepare_run_dir(run_dir: Path, manifest: Any, config: TrainConfig) -> None:
+    """The run directory, with a copy of the shards' tokenizer (for export and generate) and the
+    configuration this start resolved (``--config RUN/config.toml`` repeats it; a resume rewrites it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_toml(config))
     tok_copy = run_dir / "tokenizer.json"
     if not tok_copy.exists():
         copy_file_atomic(manifest.directory / manifest.data["tokenizer"]["file"], tok_copy)
@@ -671,7 +522,7 @@ def saved_train_config(state: dict[str, Any], path: Path) -> TrainConfig:
     if missing:
         raise FerrolmError(f"{path / 'state.json'}: train_config does not record {', '.join(missing)}")
     try:
-        return TrainConfig.from_dict(state["train_config"], source="train_config").validate()
+        return TrainConfig.from_dict(state["train_config"], source="train config").validate()
     except (TypeError, ValueError) as error:
         raise FerrolmError(f"{path / 'state.json'}: train_config: {error}") from None
 

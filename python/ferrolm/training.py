@@ -36,12 +36,12 @@ so switching changes no token. The rules:
 
 from __future__ import annotations
 
-import glob
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
+from ferrolm import _inputs
 from ferrolm._core import CoreBpeTrainer, FerrolmError
 from ferrolm.tokenizer import _safe_text
 
@@ -51,11 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["INPUT_SUFFIXES", "expand_inputs", "train_tokenizer"]
 
 #: The files a directory contributes (any file named explicitly is read, whatever its name).
-INPUT_SUFFIXES = tuple(
-    base + compression
-    for base in (".txt", ".text", ".jsonl", ".ndjson")
-    for compression in ("", ".zst", ".zstd", ".gz")
-)
+INPUT_BASES = (".txt", ".text", ".jsonl", ".ndjson")  # the Rust corpus reader's formats (no Parquet)
+INPUT_SUFFIXES = tuple(base + compression for base in INPUT_BASES for compression in _inputs.COMPRESSIONS)
 
 #: Texts are handed to Rust in batches of about this many characters.
 _BATCH_CHARS = 8 << 20
@@ -149,49 +146,12 @@ def train_tokenizer(
 
 
 def expand_inputs(inputs: PathLike | Sequence[PathLike]) -> list[str]:
-    """Files named by paths, directories and globs, in the order given (each directory sorted).
+    """Files named by paths, directories and globs, in the order given (each directory sorted);
+    directories contribute ``INPUT_SUFFIXES`` files. The rule is ``ferrolm._inputs``' (the sharder's too).
 
     A glob or directory that yields no file, or a path that does not exist, is an error.
     """
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not items:
-        raise FerrolmError("no inputs: pass files, directories or glob patterns (or an iterator of texts)")
-    files: list[str] = []
-    for item in items:
-        if not isinstance(item, (str, os.PathLike)):
-            raise TypeError(
-                f"input {item!r} is not a path; to train on texts pass an iterator of str, e.g. iter(texts)"
-            )
-        path = os.fspath(item)
-        if os.path.isdir(path):
-            found = _directory_files(path)
-            if not found:
-                raise FerrolmError(f"{path}: directory holds no {'/'.join(INPUT_SUFFIXES)} files")
-            files.extend(found)
-        elif os.path.exists(path):
-            files.append(path)
-        elif glob.has_magic(path):
-            matched = sorted(glob.glob(path, recursive=True))
-            if not matched:
-                raise FileNotFoundError(f"{path}: no file matches this pattern")
-            for m in matched:
-                files.extend(_directory_files(m) if os.path.isdir(m) else [m])
-        else:
-            hint = ""
-            if len(items) > 1 and not any(os.path.exists(os.fspath(i)) for i in items[:3]):
-                hint = " (a list of strings is read as paths; to train on texts pass iter(texts))"
-            raise FileNotFoundError(f"{path}: no such file or directory{hint}")
-    return files
-
-
-def _directory_files(root: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(INPUT_SUFFIXES):
-                out.append(os.path.join(dirpath, name))
-    return out
+    return _inputs.expand_inputs(inputs, INPUT_BASES, texts_hint="; to train on texts pass iter(texts)")
 
 
 def _batches(items: Iterator[object]) -> Iterator[list[str]]:
