@@ -134,7 +134,9 @@ def _forward(model: Any, batch: dict[str, Any], doc_mask: bool, reduction: str) 
         kwargs = dict(
             position_ids=batch["position_ids"],
             cu_seqlens=batch["cu_seqlens"],
-            max_seqlen=int(batch["max_seqlen"]),
+            # The row length bounds every document and never changes: under torch.compile the
+            # batch's own maximum (a new int each step) would be a new guard, a recompile.
+            max_seqlen=batch["input_ids"].shape[1],
         )
     _, loss = model(batch["input_ids"], batch["labels"], reduction=reduction, **kwargs)
     return loss
