@@ -483,6 +483,14 @@ impl WordCache {
             out.extend_from_slice(&slot.ids[..slot.len as usize]);
             return;
         }
+        // A short piece of more than CACHE_IDS tokens (runs of punctuation, odd bytes) is kept
+        // where the long pieces are: one ring for every result that does not fit a slot.
+        let hash = long_hash(piece);
+        if let Some(long) = &self.long {
+            if long.get(hash, piece, out) {
+                return;
+            }
+        }
         let start = out.len();
         bpe.merge(piece, out);
         let ids = &out[start..];
@@ -491,6 +499,10 @@ impl WordCache {
             slot.hi = key.hi;
             slot.len = ids.len() as u32;
             slot.ids[..ids.len()].copy_from_slice(ids);
+        } else {
+            self.long
+                .get_or_insert_with(|| Box::new(LongCache::new()))
+                .put(hash, piece, ids);
         }
     }
 }
