@@ -13,10 +13,11 @@ between steps that uses the cores the way a trainer does:
 - `sleep`: `time.sleep(0.003)` (a step spent waiting on a GPU).
 Per batch: "Python thread" = CPU time of the calling thread inside the call (`time.thread_time`:
 what the step pays in work), "wait" = wall time inside the call (what the step pays in all; a
-ferrolm batch that is not ready yet is waited for without CPU). Medians over `--steps` steps,
-`--repeats` runs per loader taken in turns (the range over the runs is shown); the loop holds each
-batch until it takes the next one, as `batch = next(loader)` does. "vs nanoGPT" = nanoGPT's wait /
-the loader's wait. Loaders, all handing torch tensors to the loop:
+ferrolm batch that is not ready yet is waited for without CPU). Median and mean over `--steps`
+steps (ferrolm hands back its batch slots every few steps, so its mean includes those steps),
+each the median of `--repeats` runs per loader taken in turns (the range of the runs' medians is
+shown); the loop holds each batch until it takes the next one, as `batch = next(loader)` does.
+"vs nanoGPT" = nanoGPT's mean wait / the loader's mean wait. Loaders, all handing torch tensors to the loop:
 - nanoGPT `get_batch`: np.memmap of a uint16 .bin each call, random windows, per-row
   `astype(np.int64)` + `torch.from_numpy`, `torch.stack` for x and y;
 - a vectorized numpy gather: one fancy index `data[starts[:, None] + arange(T + 1)]`, x and y views;
@@ -193,9 +194,11 @@ def make_work(kind: str) -> Callable[[], None]:
     return work
 
 
-def in_loop(get: Callable[[], Any], work: Callable[[], None], steps: int) -> tuple[float, float]:
-    """(median Python-thread seconds, median wall seconds) per batch over `steps` steps of
-    `work(); batch = get()`; the batch is held until the next one is taken."""
+def in_loop(
+    get: Callable[[], Any], work: Callable[[], None], steps: int
+) -> tuple[float, float, float, float]:
+    """(median, mean Python-thread seconds, median, mean wall seconds) per batch over `steps`
+    steps of `work(); batch = get()`; the batch is held until the next one is taken."""
     batch = None
     for _ in range(20):
         work()
@@ -208,11 +211,14 @@ def in_loop(get: Callable[[], Any], work: Callable[[], None], steps: int) -> tup
         cpu.append(time.thread_time() - cpu_started)
         wall.append(time.perf_counter() - started)
     del batch
-    return statistics.median(cpu), statistics.median(wall)
+    return statistics.median(cpu), statistics.fmean(cpu), statistics.median(wall), statistics.fmean(wall)
 
 
 def loop_table(shards: dict[str, Path], sizes: list[tuple[int, int]], steps: int, repeats: int) -> None:
-    print("| data | B x T | work | loader | Python thread per batch | wait per batch | vs nanoGPT |")
+    print(
+        "| data | B x T | work | loader | Python thread per batch: median (range), mean "
+        "| wait per batch: median, mean | vs nanoGPT (mean wait) |"
+    )
     print("|---|---|---|---|---:|---:|---:|")
     for kind, directory in shards.items():
         binary = token_file(kind)
@@ -228,20 +234,21 @@ def loop_table(shards: dict[str, Path], sizes: list[tuple[int, int]], steps: int
                     loader = PackedLoader(directory, batch_size=b, seq_len=t, packing=packing, verify=False)
                     opened.append(loader)
                     loaders[f"ferrolm {packing}"] = lambda loader=loader: next(loader)
-                runs: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
+                runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in loaders}
                 for _ in range(repeats):  # in turns: a slow spell of the shared machine hits all
                     for name, get in loaders.items():
                         runs[name].append(in_loop(get, work, steps))
                 for loader in opened:
                     loader.close()
-                base = statistics.median(w for _, w in runs["nanoGPT get_batch"])
+                base = statistics.median(r[3] for r in runs["nanoGPT get_batch"])
                 for name, results in runs.items():
-                    cpus = sorted(c * 1e6 for c, _ in results)
-                    waits = sorted(w * 1e6 for _, w in results)
-                    cpu, wait = statistics.median(cpus), statistics.median(waits)
+                    cpus = sorted(r[0] * 1e6 for r in results)
+                    cpu, cpu_mean = statistics.median(cpus), statistics.median(r[1] * 1e6 for r in results)
+                    wait = statistics.median(r[2] * 1e6 for r in results)
+                    wait_mean = statistics.median(r[3] * 1e6 for r in results)
                     print(
-                        f"| {kind} | {b} x {t} | {work_kind} | {name} | {cpu:,.1f} µs ({cpus[0]:,.0f}-{cpus[-1]:,.0f}) "
-                        f"| {wait:,.1f} µs ({waits[0]:,.0f}-{waits[-1]:,.0f}) | {base / (wait / 1e6):.1f}x |",
+                        f"| {kind} | {b} x {t} | {work_kind} | {name} | {cpu:,.1f} µs ({cpus[0]:,.0f}-{cpus[-1]:,.0f}), "
+                        f"{cpu_mean:,.1f} µs | {wait:,.1f} µs, {wait_mean:,.1f} µs | {base / (wait_mean / 1e6):.1f}x |",
                         flush=True,
                     )
 

@@ -208,6 +208,19 @@ impl Shared {
     }
 }
 
+/// Slot memory a consumer may keep out between two hand-backs (see [`release_batches`]).
+const RELEASE_BYTES: usize = 8 << 20;
+
+/// How many batches of `batch_size x seq_len` a consumer takes between two hand-backs of its
+/// slots: checking whether a slot is still held costs the training loop's thread a few calls
+/// into torch, which are slow when its caches are cold (each step's other work evicts them),
+/// so small batches check every few steps, all slots at once (about one cold pass per check),
+/// at the price of a few more slots in memory (at most [`RELEASE_BYTES`] of them).
+pub fn release_batches(batch_size: usize, seq_len: usize) -> usize {
+    let slot_bytes = batch_size * seq_len * 3 * std::mem::size_of::<i64>();
+    (RELEASE_BYTES / slot_bytes.max(1)).clamp(1, 8)
+}
+
 const MIN_NAP: Duration = Duration::from_micros(20);
 const MAX_NAP: Duration = Duration::from_millis(2);
 
@@ -325,6 +338,7 @@ impl Loader {
         }
         let delivered = Position::start(dataset.sources.len());
         let depth = depth.max(1);
+        let dataset_seq_len = dataset.seq_len();
         Ok(Loader {
             dataset,
             rank,
@@ -334,22 +348,29 @@ impl Loader {
             delivered,
             stats: BatchStats::default(),
             running: None,
-            free: Self::free_list(depth),
-            free_pid: std::process::id(),
+            free: Self::free_list(depth + release_batches(batch_size, dataset_seq_len)),
+            free_pid: crate::pool::process_id(),
             generation: 0,
         })
     }
 
-    /// Room for the queue's slots plus two (the batch the consumer holds and the one before).
-    fn free_list(depth: usize) -> Arc<FreeList> {
+    /// Room for the slots a consumer hands back at once (`slots` of them) plus two (the batch
+    /// it holds and the one before).
+    fn free_list(slots: usize) -> Arc<FreeList> {
         Arc::new(FreeList {
-            limit: depth + 2,
+            limit: slots + 2,
             slots: Mutex::new(Vec::new()),
         })
     }
 
     pub fn dataset(&self) -> &Arc<Dataset> {
         &self.dataset
+    }
+
+    /// How many batches a consumer may take between two hand-backs of its slots (see
+    /// [`release_batches`]).
+    pub fn release_batches(&self) -> usize {
+        release_batches(self.batch_size, self.dataset.seq_len())
     }
 
     /// The position after the last delivered batch (what a checkpoint saves).
@@ -379,9 +400,9 @@ impl Loader {
 
     /// A forked child gets a free list of its own (a parent thread may hold the inherited one).
     fn own_free_list(&mut self) {
-        if self.free_pid != std::process::id() {
-            self.free = Self::free_list(self.depth);
-            self.free_pid = std::process::id();
+        if self.free_pid != crate::pool::process_id() {
+            self.free = Self::free_list(self.depth + self.release_batches());
+            self.free_pid = crate::pool::process_id();
         }
     }
 
@@ -434,7 +455,7 @@ impl Loader {
             })
             .expect("the loader thread starts");
         self.running = Some(Running {
-            pid: std::process::id(),
+            pid: crate::pool::process_id(),
             shared,
             handle,
         });
@@ -445,7 +466,7 @@ impl Loader {
         if self
             .running
             .as_ref()
-            .is_some_and(|r| r.pid != std::process::id())
+            .is_some_and(|r| r.pid != crate::pool::process_id())
         {
             std::mem::forget(self.running.take());
         }
@@ -459,6 +480,13 @@ impl Loader {
             self.start();
         }
         let shared = self.running.as_ref().expect("started above").shared.clone();
+        if timeout.is_zero() {
+            // Only a look (the consumer's fast path): no clock read, no wait.
+            return match shared.pop() {
+                Some(item) => self.accept(item).map(Some),
+                None => Ok(None),
+            };
+        }
         let deadline = std::time::Instant::now() + timeout;
         let item = loop {
             if let Some(item) = shared.pop() {
@@ -491,11 +519,16 @@ impl Loader {
                 std::thread::park_timeout(deadline - now);
             }
         };
+        self.accept(item).map(Some)
+    }
+
+    /// Records a taken item (the position after it, its stats); an error stops the thread.
+    fn accept(&mut self, item: Result<Filled>) -> Result<Filled> {
         match item {
             Ok(filled) => {
                 self.delivered = filled.batch.position.clone();
                 self.stats.add(&filled.batch.stats);
-                Ok(Some(filled))
+                Ok(filled)
             }
             Err(error) => {
                 self.stop();

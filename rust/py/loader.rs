@@ -140,6 +140,9 @@ pub struct CoreLoader {
     /// drops the slots it had queued).
     views: HashMap<u64, SlotViews>,
     generation: u64,
+    /// Batches taken since the last hand-back, and how many between two (`release_batches`).
+    taken: usize,
+    release_every: usize,
 }
 
 impl CoreLoader {
@@ -288,10 +291,12 @@ impl CoreLoader {
         let loader = Loader::new(dataset.clone(), rank, batch_size, world_size, prefetch)?;
         Ok(CoreLoader {
             dataset,
+            release_every: loader.release_batches(),
             loader: Mutex::new(loader),
             handed: HashMap::new(),
             views: HashMap::new(),
             generation: 0,
+            taken: 0,
         })
     }
 
@@ -299,7 +304,11 @@ impl CoreLoader {
     /// None, num_cu_seqlens, max_seqlen). The arrays view the slot's memory, which is refilled
     /// only after `release`.
     fn next<'py>(&mut self, py: Python<'py>) -> PyResult<Delivered<'py>> {
-        self.release_unheld(py)?;
+        self.taken += 1;
+        if self.taken >= self.release_every {
+            self.taken = 0;
+            self.release_unheld(py)?;
+        }
         // A ready batch is taken without giving up the GIL (re-taking it costs more).
         if let Some(filled) = self.loader().next_filled(Duration::ZERO)? {
             return self.deliver(py, filled);
