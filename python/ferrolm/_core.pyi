@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension ``ferrolm._core`` (checked by ``mypy.stubtest``)."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, final
 
 import numpy as np
@@ -121,6 +121,7 @@ class CoreShardWriter:
         delimiter: str | None = None,
         strict_lines: bool = False,
         strict_utf8: bool = False,
+        progress: Callable[[int, int, int], object] | None = None,
     ) -> tuple[int, int]: ...
     @property
     def tokens_so_far(self) -> int: ...

@@ -241,6 +241,11 @@ def shard_corpus(
             writer.begin_file(os.fspath(path))
             documents, size = _add_parquet(writer, path, text_field, on_bad_line)
         else:
+            # Rust calls `within` while it reads the file (progress inside a large one); Ctrl-C
+            # stops it there too, leaving only finished shards, which resume=True continues.
+            def within(file_bytes: int, documents: int, tokens: int, before: int = done_bytes) -> None:
+                progress.update(before + file_bytes, documents, tokens)
+
             documents, size = writer.add_file(
                 os.fspath(path),
                 text_field=text_field,
@@ -248,6 +253,7 @@ def shard_corpus(
                 delimiter=delimiter,
                 strict_lines=on_bad_line == "error",
                 strict_utf8=on_invalid_utf8 == "error",
+                progress=within,
             )
         records.append((os.fspath(path), documents, size))
         done_bytes += path.stat().st_size

@@ -20,12 +20,14 @@ pub mod safetensors;
 
 use crate::error::{Error, Result};
 use crate::files;
+use crate::tokenizer::train::{never_stop, StopFn};
 use crate::tokenizer::Tokenizer;
 use manifest::{Manifest, Progress, ShardInfo, SplitSummary};
 use rayon::prelude::*;
 use safetensors::{Dtype, TensorBytes};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -108,6 +110,16 @@ pub struct Skipped {
     pub invalid_utf8_replaced: u64,
 }
 
+/// What a long `add_file` has done so far, readable from another thread while it runs (the
+/// bindings show progress within a large file from it).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes of the current input file consumed (as stored, before decompression).
+    pub file_bytes: AtomicU64,
+    pub documents_read: AtomicU64,
+    pub tokens: AtomicU64,
+}
+
 struct Split {
     name: &'static str,
     tokens: Vec<u32>,
@@ -130,6 +142,7 @@ pub struct ShardWriter {
     inputs: Vec<(String, u64, u64, input::SharedHash)>,
     /// The inputs the interrupted run had begun (resume only), checked against this run's.
     resume_inputs: Vec<manifest::InputIdentity>,
+    counters: Arc<Counters>,
 }
 
 impl ShardWriter {
@@ -240,6 +253,7 @@ impl ShardWriter {
             bytes_read: 0,
             inputs: Vec::new(),
             resume_inputs,
+            counters: Arc::default(),
         })
     }
 
@@ -293,8 +307,28 @@ impl ShardWriter {
         self.documents_read
     }
 
+    /// Progress counters, updated after every batch of documents.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
     /// Adds documents in order: encodes them on all cores and closes shards as they fill.
     pub fn add_documents<S: AsRef<str> + Sync>(&mut self, documents: &[S]) -> Result<()> {
+        self.add_documents_until(documents, &never_stop)
+    }
+
+    /// [`ShardWriter::add_documents`] that gives up with [`Error::Interrupted`] as soon as `stop`
+    /// says so (checked before each document is encoded). An interrupted writer is left
+    /// inconsistent and must be dropped: what is on disk is only finished shards and the
+    /// progress file naming them, so a resume continues from there.
+    pub fn add_documents_until<S: AsRef<str> + Sync>(
+        &mut self,
+        documents: &[S],
+        stop: StopFn,
+    ) -> Result<()> {
+        if stop() {
+            return Err(Error::Interrupted);
+        }
         let (seed, fraction) = (self.options.seed, self.options.val_fraction);
         // Which split each document goes to, and whether an earlier run already wrote it.
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(documents.len());
@@ -316,7 +350,12 @@ impl ShardWriter {
         let tokenizer = &self.tokenizer;
         let encoded: Vec<Vec<u32>> = crate::pool::install(self.options.num_threads, || {
             plan.par_iter()
-                .map(|&(i, _)| tokenizer.encode_ordinary(documents[i].as_ref()))
+                .map(|&(i, _)| {
+                    if stop() {
+                        return Err(Error::Interrupted);
+                    }
+                    tokenizer.encode_ordinary(documents[i].as_ref())
+                })
                 .collect::<Result<_>>()
         })?;
         for ((_, split), ids) in plan.iter().zip(encoded) {
@@ -330,18 +369,32 @@ impl ShardWriter {
                 self.close_shard(*split)?;
             }
         }
+        let counters = &self.counters;
+        counters
+            .documents_read
+            .store(self.documents_read, Ordering::Relaxed);
+        counters
+            .tokens
+            .store(self.tokens_so_far(), Ordering::Relaxed);
         Ok(())
     }
 
-    /// Reads one file's documents (see `input`) and adds them; returns what was found.
+    /// Reads one file's documents (see `input`) and adds them; returns what was found. `stop`
+    /// is looked at between batches and before each document is encoded
+    /// ([`ShardWriter::add_documents_until`]), so a large file can be interrupted within it.
     pub fn add_file(
         &mut self,
         path: &Path,
         options: &input::DocumentOptions,
+        stop: StopFn,
     ) -> Result<input::FileStats> {
         let hash = self.begin_input(path, false)?;
+        self.counters.file_bytes.store(0, Ordering::Relaxed);
+        let consumed = hash.clone();
         let stats = input::read_documents(path, options, Some(hash), |batch| {
-            self.add_documents(&batch)
+            let bytes = consumed.lock().unwrap_or_else(|p| p.into_inner()).bytes;
+            self.counters.file_bytes.store(bytes, Ordering::Relaxed);
+            self.add_documents_until(&batch, stop)
         })?;
         self.skipped.bad_lines += stats.bad_lines;
         self.skipped.invalid_utf8_replaced += stats.utf8_replaced;
