@@ -137,8 +137,10 @@ impl CoreShardWriter {
             Ok(stats) => Ok((stats.documents, stats.bytes)),
             Err(error) => {
                 // Stopped part-way through a batch (or failed in one), the writer's state is
-                // no longer what is on disk: drop it, so nothing can finish a partial run.
-                self.writer = None;
+                // no longer what is on disk: drop it, so nothing can finish a partial run
+                // (without the GIL: it waits for a shard write in progress).
+                let writer = self.writer.take();
+                py.detach(move || drop(writer));
                 Err(error)
             }
         }
