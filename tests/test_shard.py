@@ -354,21 +354,28 @@ def test_ctrl_c_inside_a_large_file_stops_within_a_second_and_resumes(tok, big_j
     import threading
     import time
 
-    started = time.perf_counter()
     full = shard_corpus(big_jsonl, tmp_path / "full", tok, show_progress=False, **BIG_OPTIONS)
-    alone = time.perf_counter() - started
     out = tmp_path / "interrupted"
     sent: list[float] = []
 
     def interrupt() -> None:
-        sent.append(time.perf_counter())
-        os.kill(os.getpid(), signal.SIGINT)
+        # Part-way through the one input file: once its first shards are published.
+        deadline = time.perf_counter() + 60
+        while not list(out.glob("train-*.safetensors")) and time.perf_counter() < deadline:
+            time.sleep(0.002)
+        if not returned.is_set():  # a signal after the run would hit pytest instead
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
 
-    # Part-way through the one input file (after some shards are finished, well before the end).
-    timer = threading.Timer(min(0.5, alone / 3), interrupt)
+    returned = threading.Event()
+
+    timer = threading.Thread(target=interrupt)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        shard_corpus(big_jsonl, out, tok, show_progress=False, **BIG_OPTIONS)
+        try:
+            shard_corpus(big_jsonl, out, tok, show_progress=False, **BIG_OPTIONS)
+        finally:
+            returned.set()
     stopped = time.perf_counter()
     timer.join()
     assert stopped - sent[0] < 1.0, f"stopped {stopped - sent[0]:.2f} s after Ctrl-C"

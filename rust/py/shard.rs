@@ -112,7 +112,9 @@ impl CoreShardWriter {
             text_split,
             strict_lines,
             strict_utf8,
-            batch_documents: 4096,
+            // Large batches: each costs a hand-over between the reading and the encoding threads
+            // and a dispatch on the pool (progress and Ctrl-C do not wait for a batch's end).
+            batch_documents: 65536,
             batch_bytes: 16 << 20,
         };
         let writer = self.writer()?;

@@ -144,8 +144,8 @@ pub fn read_documents(
     };
 
     if is_json_lines(&name) {
-        // Lines are read here in order and parsed on the thread pool a batch at a time (the
-        // parse was most of the sharding time not spent encoding), then taken in order.
+        // Lines are gathered a batch at a time and then parsed (the parse was most of the
+        // sharding time not spent encoding; `add_file` runs this beside the encoding).
         let mut reader = BufReader::with_capacity(1 << 20, reader);
         let mut raw = RawLines::default();
         let mut line_no = 0u64;
@@ -271,7 +271,6 @@ impl RawLines {
         options: &DocumentOptions,
         stats: &mut FileStats,
     ) -> Result<Vec<String>> {
-        use rayon::prelude::*;
         let ends: Vec<usize> = self
             .lines
             .iter()
@@ -280,15 +279,15 @@ impl RawLines {
             .chain(std::iter::once(self.bytes.len()))
             .collect();
         let (bytes, field) = (&self.bytes, options.text_field.as_str());
-        let parsed: Vec<std::result::Result<String, String>> = crate::pool::install(None, || {
-            self.lines
-                .par_iter()
-                .zip(ends.par_iter())
-                .map(|(&(start, _), &end)| text_of_line(&bytes[start..end], field))
-                .collect()
-        });
-        let mut docs = Vec::with_capacity(parsed.len());
-        for (text, &(_, line_no)) in parsed.into_iter().zip(&self.lines) {
+        // On the calling thread: `ShardWriter::add_file` reads on a thread of its own, beside the
+        // encoding; on the shared pool the parse would queue behind the encoding it should overlap.
+        let parsed = self
+            .lines
+            .iter()
+            .zip(&ends)
+            .map(|(&(start, _), &end)| text_of_line(&bytes[start..end], field));
+        let mut docs = Vec::with_capacity(self.lines.len());
+        for (text, &(_, line_no)) in parsed.zip(&self.lines) {
             match text {
                 Ok(text) => docs.push(text),
                 Err(reason) if options.strict_lines => {
