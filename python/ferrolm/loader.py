@@ -146,7 +146,10 @@ class PackedLoader:
     ``"numpy"``; the default is ``"torch"`` when PyTorch is installed and ``"numpy"`` otherwise, so
     the loader works with numpy alone (pass it explicitly for the same output everywhere). ``buffer_size``: pieces held by best_fit's buffer (more: less padding, but a
     short document may wait longer for its row). ``prefetch``: batches kept ready by the
-    background thread. After ``fork`` (DataLoader workers) a child restarts its own thread from
+    background thread. Batches are views of a few reusable memory slots (no copy, and the same
+    tensor objects come back once nothing holds them): a batch, or anything made from it (a view,
+    ``detach()``, a tensor saved for backward), that is still referenced is never overwritten,
+    so there is no need to ``clone()`` what you keep. After ``fork`` (DataLoader workers) a child restarts its own thread from
     the last batch returned; shards are shared memory maps, never copies. ``plan(start, count)``
     shows which documents rows are made of, without reading tokens.
 

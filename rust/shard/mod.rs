@@ -477,19 +477,21 @@ impl ShardWriter {
         self.counters.file_bytes.store(0, Ordering::Relaxed);
         let consumed = hash.clone();
         // Reading and parsing the next batch (a thread of its own) overlaps encoding this one.
+        // Each batch comes with the bytes of the file read when it was cut: progress reports the
+        // batch being encoded, not how far ahead the reader is.
         let stats = std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<String>>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<String>, u64)>(1);
             let reader = scope.spawn(move || {
                 input::read_documents(path, options, Some(hash), |batch| {
+                    let bytes = consumed.lock().unwrap_or_else(|p| p.into_inner()).bytes;
                     // A send fails only when the encoding side has stopped (its error wins).
-                    tx.send(batch).map_err(|_| Error::Interrupted)
+                    tx.send((batch, bytes)).map_err(|_| Error::Interrupted)
                 })
             });
             let mut added = Ok(());
-            for batch in &rx {
-                let bytes = consumed.lock().unwrap_or_else(|p| p.into_inner()).bytes;
-                self.counters.file_bytes.store(bytes, Ordering::Relaxed);
+            for (batch, bytes) in &rx {
                 added = self.add_documents_until(&batch, stop);
+                self.counters.file_bytes.store(bytes, Ordering::Relaxed);
                 if added.is_err() {
                     break;
                 }
