@@ -7,7 +7,8 @@
 
 use crate::error::{Error, Result};
 use rayon::ThreadPool;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -28,6 +29,30 @@ pub fn check_num_threads(n: i64, what: &str) -> Result<usize> {
         )));
     }
     Ok(n as usize)
+}
+
+static PID: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn forget_pid() {
+    PID.store(0, Ordering::Relaxed);
+}
+
+/// This process's id without a system call per look (the loader's consumer asks on every
+/// batch whether it was forked): cached, and forgotten in a forked child by an atfork handler.
+pub fn process_id() -> u32 {
+    static HANDLER: Once = Once::new();
+    HANDLER.call_once(|| {
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let pid = std::process::id();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
 }
 
 struct Pools {
@@ -51,7 +76,7 @@ fn with_pools<R>(f: impl FnOnce(&mut Pools) -> R) -> R {
     let mut guard = POOLS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let pid = std::process::id();
+    let pid = process_id();
     if guard.as_ref().is_none_or(|pools| pools.pid != pid) {
         // Threads of a parent process do not exist in a forked child: leak the dead pools
         // rather than join threads that will never answer.

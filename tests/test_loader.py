@@ -569,3 +569,93 @@ def test_torch_dataloader_worker_forked_from_a_running_loader(shards):
         (g == next(loader)["input_ids"]).all() for g in got
     )  # the worker continued the parent's stream
     assert torch.is_tensor(next(iter(workers)))
+
+
+# -- reused batch memory ---------------------------------------------------------------------
+#
+# Batches live in a few slots that are refilled in place once nothing holds what they handed
+# out. Every way of keeping a batch must keep it unchanged; the copies below are the truth.
+
+HOLD_STEPS = 48  # well past every slot (queue, slots handed back together, kept free, in flight)
+
+
+def _same_stream(shards, fmt, keep):  # type: ignore[no-untyped-def]
+    """Takes batches while `keep(batch)` holds something of every other one; checks that what
+    was kept still equals a copy taken when it was delivered."""
+    loader = PackedLoader(shards, batch_size=2, seq_len=T, packing="best_fit", format=fmt, prefetch=2)
+    kept = []
+    for step in range(HOLD_STEPS):
+        batch = next(loader)
+        if step % 2 == 0:
+            held = keep(batch)
+            kept.append((held, [np.array(np.asarray(h), copy=True) for h in held]))
+        del batch
+    for held, copies in kept:
+        for h, c in zip(held, copies, strict=True):
+            assert (np.asarray(h) == c).all()
+    loader.close()
+
+
+def test_kept_numpy_batches_and_views_are_never_overwritten(shards):
+    _same_stream(shards, "numpy", lambda b: [b["input_ids"], b["cu_seqlens"]])
+    _same_stream(shards, "numpy", lambda b: [b["labels"][:, 1:], b["position_ids"].reshape(-1)[3:]])
+    _same_stream(shards, "numpy", lambda b: [memoryview(b["input_ids"])])
+
+
+def test_kept_tensors_views_and_aliases_are_never_overwritten(shards):
+    pytest.importorskip("torch")
+    _same_stream(shards, "torch", lambda b: [b["input_ids"].numpy(), b["cu_seqlens"].numpy()])
+    _same_stream(shards, "torch", lambda b: [b["labels"][:, 1:].numpy(), b["position_ids"].view(-1).numpy()])
+    # detach() and .data make new tensors on the same memory, without a Python reference to the
+    # tensor handed out: only the storage's use count shows them.
+    _same_stream(shards, "torch", lambda b: [b["input_ids"].detach().numpy(), b["labels"].data.numpy()])
+
+
+def test_autograd_saved_inputs_are_never_overwritten(shards):
+    """A forward pass saves its integer inputs for backward without a Python reference: the
+    backward pass, run after many later batches, must see the batch it was given."""
+    torch = pytest.importorskip("torch")
+    loader = PackedLoader(shards, batch_size=2, seq_len=T, packing="concat", format="torch", prefetch=2)
+    emb = torch.nn.Embedding(loader.vocab_size, 1)
+    batch = next(loader)
+    ids = batch["input_ids"].clone()
+    loss = emb(batch["input_ids"]).sum()
+    del batch
+    for _ in range(HOLD_STEPS):
+        next(loader)
+    loss.backward()
+    expected = torch.bincount(ids.reshape(-1), minlength=loader.vocab_size).to(emb.weight.grad.dtype)
+    assert torch.equal(emb.weight.grad[:, 0], expected)
+
+
+def test_slots_are_reused_when_nothing_is_kept(shards):
+    """The point of the slots: a loop that keeps nothing cycles through a few memory blocks and
+    gets the same tensor objects back (made once per slot), with every batch still correct."""
+    torch = pytest.importorskip("torch")
+    loader = PackedLoader(shards, batch_size=2, seq_len=T, packing="best_fit", format="torch", prefetch=2)
+    reference = PackedLoader(shards, batch_size=2, seq_len=T, packing="best_fit", format="numpy")
+    addresses, objects = set(), set()
+    for _ in range(40):
+        batch = next(loader)
+        addresses.add(batch["input_ids"].data_ptr())
+        objects.add(id(batch["input_ids"]))
+        expected = next(reference)
+        for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+            assert (batch[key].numpy() == expected[key]).all(), key
+        assert isinstance(batch[key], torch.Tensor)
+    # queue (2), slots handed back together (8 for small batches), kept free and held (2 + 2)
+    assert len(addresses) <= 2 + 8 + 4, addresses
+    assert len(objects) == len(addresses)
+
+
+def test_tensor_moved_to_shared_memory_is_not_handed_out_again(shards):
+    """Sending a tensor from a DataLoader worker moves its storage to shared memory: that tensor
+    no longer shows the slot, so the slot must not hand it out again (it would show old data)."""
+    pytest.importorskip("torch")
+    loader = PackedLoader(shards, batch_size=2, seq_len=T, packing="concat", format="torch", prefetch=2)
+    reference = PackedLoader(shards, batch_size=2, seq_len=T, packing="concat", format="numpy")
+    for _ in range(30):
+        batch = next(loader)
+        assert (batch["input_ids"].numpy() == next(reference)["input_ids"]).all()
+        for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+            batch[key].share_memory_()

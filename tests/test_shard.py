@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
+import os
 import random
 
 import numpy as np
@@ -311,3 +313,85 @@ def test_cli_shard(tok, tmp_path, capsys):
         == 1
     )
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+# -- a large file: progress and Ctrl-C inside it -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_jsonl(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """About 24 MB of JSON lines: seconds of encoding, many batches and shards."""
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    docs = make_documents(4000, seed=7)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(48):
+            f.write("".join(json.dumps({"text": f"{i} {d}"}) + "\n" for d in docs))
+    return path
+
+
+BIG_OPTIONS = {"val_fraction": 0.01, "shard_tokens": 200_000}
+
+
+def test_progress_updates_within_a_large_file(tok, big_jsonl, tmp_path):
+    writer = ferrolm._core.CoreShardWriter(
+        str(tmp_path / "o"), tok._core, tok.to_json(), bos=None, eos=tok.eot_token, dtype="uint16",
+        resume=False, seed=0, **BIG_OPTIONS,
+    )  # fmt: skip
+    calls: list[tuple[int, int, int]] = []
+    documents, size = writer.add_file(
+        str(big_jsonl), text_field="text", text_split="file", progress=lambda *done: calls.append(done)
+    )
+    assert size == big_jsonl.stat().st_size and documents == 48 * 4000
+    inside = [c for c in calls if 0 < c[0] < size]
+    assert len(inside) >= 2, calls  # updated while the file was being read, not only at its end
+    for earlier, later in itertools.pairwise(calls):
+        assert all(a <= b for a, b in zip(earlier, later, strict=True))
+    assert inside[-1][1] > inside[0][1] and inside[-1][2] > inside[0][2]
+
+
+def test_ctrl_c_inside_a_large_file_stops_within_a_second_and_resumes(tok, big_jsonl, tmp_path):
+    import signal
+    import threading
+    import time
+
+    full = shard_corpus(big_jsonl, tmp_path / "full", tok, show_progress=False, **BIG_OPTIONS)
+    out = tmp_path / "interrupted"
+    sent: list[float] = []
+
+    def interrupt() -> None:
+        # Part-way through the one input file: once its first shards are published.
+        deadline = time.perf_counter() + 60
+        while not list(out.glob("train-*.safetensors")) and time.perf_counter() < deadline:
+            time.sleep(0.002)
+        if not returned.is_set():  # a signal after the run would hit pytest instead
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    returned = threading.Event()
+
+    timer = threading.Thread(target=interrupt)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            shard_corpus(big_jsonl, out, tok, show_progress=False, **BIG_OPTIONS)
+        finally:
+            returned.set()
+    stopped = time.perf_counter()
+    timer.join()
+    assert stopped - sent[0] < 1.0, f"stopped {stopped - sent[0]:.2f} s after Ctrl-C"
+
+    # Nothing published: no manifest, and every shard file present is a finished one, named with
+    # its checksum in the progress file (temporaries are hidden and removed by the resume).
+    assert not (out / "manifest.json").exists()
+    progress = json.loads((out / ".progress.json").read_text())
+    listed = {s["file"]: s["sha256"] for shards in progress["shards"].values() for s in shards}
+    present = {p.name for p in out.glob("*.safetensors")}
+    assert present == set(listed) and 0 < len(present) < len(full.shards("train"))
+    for name, sha in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
+
+    resumed = shard_corpus(big_jsonl, out, tok, resume=True, show_progress=False, **BIG_OPTIONS)
+    assert resumed.data == full.data
+    for split in ("train", "val"):
+        for a, b in zip(full.shards(split), resumed.shards(split), strict=True):
+            assert a.path.read_bytes() == b.path.read_bytes()

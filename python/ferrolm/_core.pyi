@@ -1,8 +1,8 @@
 """Type stubs for the Rust extension ``ferrolm._core`` (checked by ``mypy.stubtest``)."""
 
 import os
-from collections.abc import Sequence
-from typing import final
+from collections.abc import Callable, Sequence
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -121,6 +121,7 @@ class CoreShardWriter:
         delimiter: str | None = None,
         strict_lines: bool = False,
         strict_utf8: bool = False,
+        progress: Callable[[int, int, int], object] | None = None,
     ) -> tuple[int, int]: ...
     @property
     def tokens_so_far(self) -> int: ...
@@ -151,8 +152,20 @@ class CoreLoader:
     def next(
         self,
     ) -> tuple[
-        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int32], int, int
+        int,
+        tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int32]],
+        tuple[Any, ...] | None,
+        int,
+        int,
     ]: ...
+    def attach(
+        self,
+        slot: int,
+        objects: tuple[Any, ...],
+        storages: tuple[Any, ...] | None = None,
+        storage_use_count: Any = None,
+    ) -> None: ...
+    def release(self, slot: int, reuse: bool) -> bool: ...
     def state(self) -> tuple[int, list[tuple[int, int, int]]]: ...
     def load_state(self, position: int, sources: list[tuple[int, int, int]]) -> None: ...
     def plan(self, start: int, count: int) -> list[tuple[int, int, list[tuple[int, int]]]]: ...

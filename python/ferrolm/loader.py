@@ -146,7 +146,10 @@ class PackedLoader:
     ``"numpy"``; the default is ``"torch"`` when PyTorch is installed and ``"numpy"`` otherwise, so
     the loader works with numpy alone (pass it explicitly for the same output everywhere). ``buffer_size``: pieces held by best_fit's buffer (more: less padding, but a
     short document may wait longer for its row). ``prefetch``: batches kept ready by the
-    background thread. After ``fork`` (DataLoader workers) a child restarts its own thread from
+    background thread. Batches are views of a few reusable memory slots (no copy, and the same
+    tensor objects come back once nothing holds them): a batch, or anything made from it (a view,
+    ``detach()``, a tensor saved for backward), that is still referenced is never overwritten,
+    so there is no need to ``clone()`` what you keep. After ``fork`` (DataLoader workers) a child restarts its own thread from
     the last batch returned; shards are shared memory maps, never copies. ``plan(start, count)``
     shows which documents rows are made of, without reading tokens.
 
@@ -219,28 +222,41 @@ class PackedLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        input_ids, labels, position_ids, cu_seqlens, num_cu, max_seqlen = self._core.next()
-        if self.format == "numpy":
-            return {
-                "input_ids": input_ids,
-                "labels": labels,
-                "position_ids": position_ids,
-                "cu_seqlens": cu_seqlens,
-                "num_cu_seqlens": num_cu,
-                "max_seqlen": max_seqlen,
-            }
-        torch = self._torch or self._import_torch()
-        tensors = [torch.from_numpy(a) for a in (input_ids, labels, position_ids, cu_seqlens)]
-        if self._pin:
-            tensors = [t.pin_memory() for t in tensors]
+        slot, arrays, objects, num_cu, max_seqlen = self._core.next()
+        if objects is None:
+            objects = self._attach(slot, arrays)
+        if self._pin and self.format == "torch":
+            # pin_memory() copies into torch's pinned pool (which keeps a copy alive while a
+            # non_blocking transfer reads it), so the slot is free again at once.
+            objects = tuple(t.pin_memory() for t in objects)
         return {
-            "input_ids": tensors[0],
-            "labels": tensors[1],
-            "position_ids": tensors[2],
-            "cu_seqlens": tensors[3],
+            "input_ids": objects[0],
+            "labels": objects[1],
+            "position_ids": objects[2],
+            "cu_seqlens": objects[3],
             "num_cu_seqlens": num_cu,
             "max_seqlen": max_seqlen,
         }
+
+    def _attach(self, slot: int, arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        """What a new batch slot hands out, made once: batches live in a few reusable slots
+        (Rust memory refilled in place), so the arrays and tensors of a slot are made the first
+        time it comes and returned again after (a cold ``torch.from_numpy`` costs 10-15 us,
+        more than the rest of a step's loading). The loader refills a slot only when nothing
+        else holds what it handed out (``CoreLoader.attach`` says what it counts), so a batch
+        the caller keeps is never overwritten: its slot stays out and another one is used."""
+        if self.format == "numpy":
+            self._core.attach(slot, arrays)
+            return arrays
+        torch = self._torch or self._import_torch()
+        tensors = tuple(torch.from_numpy(a) for a in arrays)
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        if count is None or not hasattr(tensors[0], "_use_count"):
+            # This torch lacks the counters that show a kept reference: never refill the slot.
+            self._core.release(slot, False)
+            return tensors
+        self._core.attach(slot, tensors, tuple(t.untyped_storage() for t in tensors), count)
+        return tensors
 
     def _import_torch(self) -> Any:
         try:

@@ -13,6 +13,8 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use std::io::ErrorKind;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 pyo3::create_exception!(
     ferrolm,
@@ -62,6 +64,44 @@ pub(crate) fn detached<T: Send>(
         Ok(result) => result.map_err(PyErr::from),
         Err(panic) => Err(panic_to_pyerr(panic)),
     }
+}
+
+/// Runs `work` on a worker thread; the caller's thread waits without the GIL and, every 50 ms,
+/// checks for signals and calls `tick` (with the GIL: e.g. a progress callback). On Ctrl-C (or
+/// an error from `tick`) the work is told to stop, joined, and the exception (KeyboardInterrupt)
+/// is raised. A panic becomes a RuntimeError.
+pub(crate) fn interruptible<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(crate::tokenizer::train::StopFn) -> crate::Result<T> + Send,
+    mut tick: impl FnMut(Python<'_>) -> PyResult<()>,
+) -> PyResult<T> {
+    let stop = AtomicBool::new(false);
+    let caller = std::thread::current();
+    std::thread::scope(|scope| {
+        let stop = &stop;
+        let handle = scope.spawn(move || {
+            let should_stop = || stop.load(Ordering::Relaxed);
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&should_stop)));
+            caller.unpark();
+            outcome
+        });
+        loop {
+            if handle.is_finished() {
+                break;
+            }
+            py.detach(|| std::thread::park_timeout(Duration::from_millis(50)));
+            if let Err(error) = py.check_signals().and_then(|()| tick(py)) {
+                stop.store(true, Ordering::Relaxed);
+                let _ = py.detach(move || handle.join());
+                return Err(error);
+            }
+        }
+        match py.detach(move || handle.join()) {
+            Ok(Ok(result)) => result.map_err(PyErr::from),
+            Ok(Err(panic)) | Err(panic) => Err(panic_to_pyerr(panic)),
+        }
+    })
 }
 
 /// Below this many bytes of input a call is cheaper than releasing and re-taking the GIL.

@@ -5,6 +5,7 @@
 //! a worker thread while the calling thread waits without the GIL and polls for signals, so Ctrl-C
 //! stops the work within one block or merge and raises KeyboardInterrupt; nothing is written.
 
+use super::interruptible;
 use super::tokenizer::CoreTokenizer;
 use crate::corpus::{self, ReadOptions, Utf8Policy};
 use crate::error::Error;
@@ -12,44 +13,7 @@ use crate::tokenizer::train::{self, ChunkCounter, StopReason, TieBreak, TrainOpt
 use crate::tokenizer::Tokenizer;
 use pyo3::prelude::*;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-/// Runs `work` on a worker thread; the caller's thread waits without the GIL and checks for
-/// signals every 50 ms. On Ctrl-C the work is told to stop, joined, and the signal's exception
-/// (KeyboardInterrupt) is raised. A panic becomes a RuntimeError.
-fn interruptible<T: Send>(
-    py: Python<'_>,
-    work: impl FnOnce(train::StopFn) -> crate::Result<T> + Send,
-) -> PyResult<T> {
-    let stop = AtomicBool::new(false);
-    let caller = std::thread::current();
-    std::thread::scope(|scope| {
-        let stop = &stop;
-        let handle = scope.spawn(move || {
-            let should_stop = || stop.load(Ordering::Relaxed);
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(&should_stop)));
-            caller.unpark();
-            outcome
-        });
-        loop {
-            if handle.is_finished() {
-                break;
-            }
-            py.detach(|| std::thread::park_timeout(Duration::from_millis(50)));
-            if let Err(signal) = py.check_signals() {
-                stop.store(true, Ordering::Relaxed);
-                let _ = py.detach(move || handle.join());
-                return Err(signal);
-            }
-        }
-        match py.detach(move || handle.join()) {
-            Ok(Ok(result)) => result.map_err(PyErr::from),
-            Ok(Err(panic)) | Err(panic) => Err(super::panic_to_pyerr(panic)),
-        }
-    })
-}
+use std::sync::atomic::Ordering;
 
 /// (merges, vocabulary size, distinct chunks, why training stopped).
 type TrainSummary = (usize, usize, usize, &'static str);
@@ -88,7 +52,7 @@ impl CoreBpeTrainer {
     /// Counts each text as one sequence (Hugging Face's `train_from_iterator`).
     fn feed_texts(&mut self, py: Python<'_>, texts: Vec<String>) -> PyResult<()> {
         let counter = self.counter()?;
-        interruptible(py, |stop| counter.count_texts(&texts, stop))
+        interruptible(py, |stop| counter.count_texts(&texts, stop), |_| Ok(()))
     }
 
     /// Reads and counts files. Returns, for each file where invalid UTF-8 was replaced, the
@@ -107,19 +71,23 @@ impl CoreBpeTrainer {
         };
         let counter = self.counter()?;
         let already = counter.utf8_reports().len();
-        interruptible(py, |stop| {
-            counter.count_files(&paths, &read, stop)?;
-            Ok(counter.utf8_reports()[already..]
-                .iter()
-                .map(|(path, report)| {
-                    let at = report.first_offset.unwrap_or(0);
-                    let location = corpus::detect_format(path)
-                        .map(|format| corpus::location(path, format, at))
-                        .unwrap_or_else(|_| path.display().to_string());
-                    (path.display().to_string(), report.replaced_lines, location)
-                })
-                .collect())
-        })
+        interruptible(
+            py,
+            |stop| {
+                counter.count_files(&paths, &read, stop)?;
+                Ok(counter.utf8_reports()[already..]
+                    .iter()
+                    .map(|(path, report)| {
+                        let at = report.first_offset.unwrap_or(0);
+                        let location = corpus::detect_format(path)
+                            .map(|format| corpus::location(path, format, at))
+                            .unwrap_or_else(|_| path.display().to_string());
+                        (path.display().to_string(), report.replaced_lines, location)
+                    })
+                    .collect())
+            },
+            |_| Ok(()),
+        )
     }
 
     /// (bytes, sequences, chunks) ingested so far.
@@ -163,10 +131,14 @@ impl CoreBpeTrainer {
                 "this trainer has already trained; create a new one",
             ))
         })?;
-        let (tokenizer, stats) = interruptible(py, |stop| {
-            let trained = train::finish(counter, &options, stop)?;
-            Ok((Tokenizer::new(trained.parts)?, trained.stats))
-        })?;
+        let (tokenizer, stats) = interruptible(
+            py,
+            |stop| {
+                let trained = train::finish(counter, &options, stop)?;
+                Ok((Tokenizer::new(trained.parts)?, trained.stats))
+            },
+            |_| Ok(()),
+        )?;
         let reason = match stats.stop_reason {
             StopReason::VocabularyFull => "vocab_size",
             StopReason::NoPairsLeft => "no_pairs",
